@@ -1,0 +1,25 @@
+"""Softmax regression: one linear layer producing class logits (softmax lives in the loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    in_features: int = 0  # derived from the data
+    num_classes: int = 0  # derived from the data
+
+
+class SoftmaxRegression(nn.Module):
+    def __init__(self, cfg: SoftmaxConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.linear = nn.Linear(cfg.in_features, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, in_features) -> logits (B, num_classes)
+        return self.linear(x)

@@ -1,0 +1,102 @@
+"""The training flow: ingest -> validate -> preprocess -> features -> train -> evaluate -> register."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlflow.tracking import MlflowClient
+from prefect import flow, runtime
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.config import ExperimentConfig
+from tasks.evaluate import evaluate_task
+from tasks.features import features_task
+from tasks.ingest import ingest_task
+from tasks.preprocess import preprocess_task
+from tasks.register import register_task
+from tasks.tracking import (
+    MlflowEpochLogger,
+    finish_run_task,
+    log_evaluation_task,
+    prepare_store,
+    resolve_tracking_uri,
+    start_run_task,
+)
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    run_id: str
+    model_name: str
+    model_version: str
+    model_uri: str
+    metrics: dict[str, float]
+    tracking_uri: str
+    flow_run_id: str | None
+    device: str
+    epochs: int
+    extras: dict[str, str] = field(default_factory=dict)
+
+
+def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(s.metrics.items()))
+    return (
+        f"# {config.name}: version {s.model_version}\n\n"
+        f"MLflow run `{s.run_id}` · model `{s.model_uri}` · {s.epochs} epochs on {s.device}\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="training")
+def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> TrainingSummary:
+    uri = resolve_tracking_uri(tracking_uri)
+    prepare_store(uri)
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+    run_tags = {
+        "prefect.flow_run_id": flow_run_id or "",
+        "prefect.flow_run_name": str(runtime.flow_run.name or ""),
+        "torchcycle.config_hash": config.config_hash(),
+        "torchcycle.model_kind": config.model.kind,
+    }
+    run_id = start_run_task(
+        uri, config.experiment, f"{config.name}-{runtime.flow_run.name or 'local'}", config.flat_params(), run_tags
+    )
+    try:
+        raw = ingest_task(config.data)
+        validate_task(raw)
+        splits = preprocess_task(raw, config.data, config.seed)
+        prepared = features_task(splits, config.features)
+        trained = train_task(
+            prepared, config.model, config.train, config.seed, callback=MlflowEpochLogger(MlflowClient(uri), run_id)
+        )
+        report = evaluate_task(trained, prepared)
+        log_evaluation_task(uri, run_id, report.metrics, report.figures)
+        version_tags = {
+            "data_digest": raw.digest,
+            "config_hash": config.config_hash(),
+            "prefect_flow_run_id": flow_run_id or "",
+        }
+        reg = register_task(
+            trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=version_tags
+        )
+    except BaseException:
+        finish_run_task(uri, run_id, "FAILED")
+        raise
+    finish_run_task(uri, run_id)
+    summary = TrainingSummary(
+        run_id=run_id,
+        model_name=reg.name,
+        model_version=reg.version,
+        model_uri=reg.model_uri,
+        metrics=report.metrics,
+        tracking_uri=uri,
+        flow_run_id=flow_run_id,
+        device=trained.device,
+        epochs=len(trained.fit.history),
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(config, summary), key="training-summary", description=f"{config.name} v{reg.version}"
+    )
+    return summary

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain typed functions plus thin Prefect task wrappers."""

@@ -1,0 +1,270 @@
+"""Self-describing model bundles: weights in safetensors, config and preprocessing as JSON/skops.
+
+A bundle directory holds:
+  model.json            kind, model config, task, target, classes, format version
+  weights.safetensors   the torch state dict (no pickle)
+  preprocessor.json     input columns/dtypes, image stats, scaling choice
+  column_transformer.skops   fitted scikit-learn ColumnTransformer (tabular data; skops secure format)
+
+Nothing here unpickles: loading refuses any file it does not expect to read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import build_model
+from models.training import predict as torch_predict
+from tasks.types import DataError, Task
+
+FORMAT_VERSION = 1
+# skops refuses every type not listed; scikit-learn estimators are trusted by default,
+# a dtype object is the only other thing a fitted ColumnTransformer holds.
+_SKOPS_TRUSTED = ["numpy.dtype"]
+
+
+def _json_ready(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+@dataclass
+class FeaturePipeline:
+    """Raw rows -> float32 model inputs (N, F). Fitted on the train split only."""
+
+    columns: list[str]
+    input_dtypes: dict[str, str]
+    task: Task
+    classes: list[Any] | None = None  # label values; index = model output index
+    image_shape: tuple[int, int, int] | None = None
+    scale: bool = True
+    pixel_mean: float = 0.0  # image data: one mean/std over all pixels of the train split
+    pixel_std: float = 1.0
+    target_mean: float = 0.0  # regression: the model learns (y - mean) / std, fitted on train
+    target_std: float = 1.0
+    transformer: Any = field(default=None, repr=False)  # sklearn ColumnTransformer (tabular)
+
+    @classmethod
+    def fit(
+        cls,
+        train: pd.DataFrame,
+        target: str,
+        task: Task,
+        classes: list[Any] | None,
+        image_shape: tuple[int, int, int] | None,
+        scale: bool,
+    ) -> FeaturePipeline:
+        from sklearn.compose import ColumnTransformer
+        from sklearn.impute import SimpleImputer
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+        x = train.drop(columns=[target])
+        columns = list(map(str, x.columns))
+        dtypes = {c: str(x[c].dtype) for c in columns}
+        pipe = cls(columns, dtypes, task, classes, image_shape, scale)
+        if task == "regression":
+            # Standardised targets keep one learning rate sensible for y ~ 1 and y ~ 1000 alike.
+            y = train[target].to_numpy(dtype=np.float64)
+            pipe.target_mean = float(y.mean())
+            pipe.target_std = float(y.std()) or 1.0
+        if image_shape is not None:
+            pixels = x.to_numpy(dtype=np.float64)
+            pipe.pixel_mean = float(pixels.mean())
+            pipe.pixel_std = float(pixels.std()) or 1.0
+            return pipe
+        numeric = [c for c in columns if pd.api.types.is_numeric_dtype(x[c])]
+        categorical = [c for c in columns if c not in numeric]
+        num_steps = [SimpleImputer(strategy="median")]
+        num_steps.append(StandardScaler() if scale else FunctionTransformer())
+        parts = []
+        if numeric:
+            parts.append(("num", make_pipeline(*num_steps), numeric))
+        if categorical:
+            # Unseen categories at scoring time map to all-zeros rather than failing.
+            parts.append(
+                (
+                    "cat",
+                    make_pipeline(
+                        SimpleImputer(strategy="most_frequent"),
+                        OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                    ),
+                    categorical,
+                )
+            )
+        pipe.transformer = ColumnTransformer(parts, sparse_threshold=0.0).fit(x)
+        return pipe
+
+    def check_columns(self, frame: pd.DataFrame) -> None:
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"missing input column(s): {', '.join(missing)}")
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """(N, F) float32. Extra columns are ignored; missing ones raise DataError."""
+        self.check_columns(frame)
+        x = frame[self.columns]
+        if self.image_shape is not None:
+            pixels = x.to_numpy(dtype=np.float32)
+            return ((pixels - self.pixel_mean) / self.pixel_std).astype(np.float32)
+        return np.asarray(self.transformer.transform(x), dtype=np.float32)
+
+    @property
+    def n_features(self) -> int:
+        if self.image_shape is not None:
+            return len(self.columns)
+        return int(self.transformer.transform(self._empty_row()).shape[1])
+
+    def _empty_row(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                c: pd.Series([np.nan], dtype="float64")
+                if "float" in t or "int" in t
+                else pd.Series(["?"], dtype="object")
+                for c, t in self.input_dtypes.items()
+            }
+        )
+
+    def encode_target(self, y: pd.Series) -> np.ndarray:
+        if self.task == "regression":
+            return ((y.to_numpy(dtype=np.float64) - self.target_mean) / self.target_std).astype(np.float32)
+        index = {str(c): i for i, c in enumerate(self.classes or [])}
+        labels = y.astype(str)
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise DataError(f"target has labels not seen in training: {', '.join(unknown[:5])}")
+        return labels.map(index).to_numpy(dtype=np.int64)
+
+    def decode_target(self, values: np.ndarray) -> np.ndarray:
+        """Model outputs back to target units (regression); identity for class indices."""
+        if self.task == "regression":
+            return values.astype(np.float64) * self.target_std + self.target_mean
+        return values
+
+    def save(self, directory: Path) -> None:
+        import skops.io as sio
+
+        meta = {k: v for k, v in asdict(self).items() if k != "transformer"}
+        meta["classes"] = [_json_ready(c) for c in self.classes] if self.classes else None
+        (directory / "preprocessor.json").write_text(json.dumps(meta, indent=2))
+        if self.transformer is not None:
+            sio.dump(self.transformer, directory / "column_transformer.skops")
+
+    @classmethod
+    def load(cls, directory: Path) -> FeaturePipeline:
+        import skops.io as sio
+
+        meta = json.loads((directory / "preprocessor.json").read_text())
+        if meta.get("image_shape") is not None:
+            meta["image_shape"] = tuple(meta["image_shape"])
+        pipe = cls(**meta)
+        skops_file = directory / "column_transformer.skops"
+        if skops_file.exists():
+            pipe.transformer = sio.load(skops_file, trusted=_SKOPS_TRUSTED)
+        return pipe
+
+
+class Predictor:
+    """A loaded bundle: raw frame in, predictions (and class probabilities) out."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pipeline: FeaturePipeline,
+        meta: dict[str, Any],
+        device: torch.device | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.pipeline = pipeline
+        self.meta = meta
+        self.device = device or torch.device("cpu")
+
+    @property
+    def task(self) -> Task:
+        return self.pipeline.task
+
+    @property
+    def output_columns(self) -> list[str]:
+        if self.task == "regression":
+            return ["prediction"]
+        return ["prediction"] + [f"proba_{c}" for c in self.pipeline.classes or []]
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        x = torch.from_numpy(self.pipeline.transform(frame))
+        out = torch_predict(self.model, x, self.device)
+        if self.task == "regression":
+            return pd.DataFrame({"prediction": self.pipeline.decode_target(out[:, 0].numpy())})
+        proba = torch.softmax(out, dim=1).numpy().astype(np.float64)
+        classes = np.asarray(self.pipeline.classes, dtype=object)
+        labels = classes[proba.argmax(1)] if len(proba) else classes[:0]
+        result = pd.DataFrame({"prediction": pd.Series(labels, dtype=_label_dtype(self.pipeline.classes))})
+        for i, c in enumerate(self.pipeline.classes or []):
+            result[f"proba_{c}"] = proba[:, i]
+        return result
+
+
+def _label_dtype(classes: list[Any] | None) -> str:
+    if classes and all(isinstance(c, bool | np.bool_) for c in classes):
+        return "bool"
+    if classes and all(isinstance(c, int | np.integer) for c in classes):
+        return "int64"
+    if classes and all(isinstance(c, float | np.floating) for c in classes):
+        return "float64"
+    return "object"
+
+
+def save_bundle(
+    directory: Path,
+    *,
+    kind: str,
+    model_config: Any,
+    state_dict: dict[str, torch.Tensor],
+    pipeline: FeaturePipeline,
+    target: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model_config": asdict(model_config),
+        "task": pipeline.task,
+        "target": target,
+        **(extra or {}),
+    }
+    (directory / "model.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / "weights.safetensors")
+    pipeline.save(directory)
+    return directory
+
+
+_EXPECTED = {"model.json", "weights.safetensors", "preprocessor.json", "column_transformer.skops"}
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """Rebuild a model from a bundle directory without unpickling anything."""
+    from models import MODELS
+
+    directory = Path(directory)
+    if not (directory / "model.json").is_file():
+        raise DataError(f"{directory} is not a model bundle (no model.json)")
+    unexpected = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in _EXPECTED)
+    if unexpected:
+        # A planted file (e.g. a pickle) is refused outright, never opened.
+        raise DataError(f"refusing to load {directory}: unexpected file(s) {', '.join(unexpected)}")
+    meta = json.loads((directory / "model.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"unsupported bundle format {meta.get('format_version')} in {directory}")
+    cfg_cls = MODELS[meta["kind"]][0]
+    raw_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()}
+    model = build_model(meta["kind"], cfg_cls(**raw_cfg))
+    model.load_state_dict(load_file(directory / "weights.safetensors"))
+    device = torch.device(device)
+    return Predictor(model.to(device), FeaturePipeline.load(directory), meta, device)

@@ -1,0 +1,211 @@
+"""Experiment configuration: YAML validated by pydantic at the CLI edge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from models import DERIVED_FIELDS, MODELS
+from models.training import TrainConfig
+
+SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+SYNTHETIC_SETS = ("line", "xor", "regression", "linear2d", "classification")
+TORCHVISION_SETS = ("MNIST", "FashionMNIST")
+
+
+class ConfigError(ValueError):
+    """A bad experiment config: the message names the offending key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: str = Field(description="sklearn:NAME | synthetic:NAME | file:PATH | torchvision:NAME")
+    target: str | None = None  # target column; required for file sources
+    root: str | None = None  # torchvision: folder holding the IDX files
+    download: bool = False  # torchvision: only fetch when explicitly asked
+    task: Literal["auto", "classification", "regression"] = "auto"
+    test_size: float = Field(0.2, ge=0.0, lt=1.0)  # 0: evaluate on the training rows (toy data)
+    val_size: float = Field(0.1, ge=0.0, lt=1.0)  # 0: validate on the training rows
+    limit: int | None = Field(None, gt=0)  # keep at most this many rows (quick runs)
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        scheme, _, name = v.partition(":")
+        allowed = {"sklearn": SKLEARN_SETS, "synthetic": SYNTHETIC_SETS, "torchvision": TORCHVISION_SETS}
+        if scheme == "file":
+            if not name:
+                raise ValueError("file source needs a path: file:data/train.csv")
+            return v
+        if scheme not in allowed:
+            raise ValueError(
+                f"unknown source scheme '{scheme}' in '{v}': use sklearn:, synthetic:, file: or torchvision:"
+            )
+        if name not in allowed[scheme]:
+            raise ValueError(f"unknown {scheme} data set '{name}': choose one of {', '.join(allowed[scheme])}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combo(self) -> DataConfig:
+        if self.source.startswith("file:") and not self.target:
+            raise ValueError("data.target is required for a file: source (the name of the target column)")
+        if self.source.startswith("torchvision:") and not self.root:
+            raise ValueError("data.root is required for a torchvision: source (the folder with the IDX files)")
+        if self.test_size + self.val_size >= 1.0:
+            raise ValueError("data.test_size + data.val_size must be below 1")
+        return self
+
+
+class FeaturesConfig(_Strict):
+    scale: bool = True  # standardise numeric columns (mean 0, std 1) fitted on the train split
+
+
+class ModelSpec(_Strict):
+    """`kind` plus that model's own settings; the settings are checked against its config class."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    @model_validator(mode="after")
+    def _check_params(self) -> ModelSpec:
+        if self.kind not in MODELS:
+            raise ValueError(f"unknown model kind '{self.kind}': choose one of {', '.join(MODELS)}")
+        params = dict(self.model_extra or {})
+        cfg_cls = MODELS[self.kind][0]
+        allowed = {f.name for f in fields(cfg_cls)} - DERIVED_FIELDS
+        for key in params:
+            if key in DERIVED_FIELDS:
+                raise ValueError(f"model.{key} is derived from the data and cannot be set")
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown key model.{key} for model '{self.kind}': allowed keys are {', '.join(sorted(allowed))}"
+                )
+        # Type-check by validating into the dataclass; errors name the field.
+        TypeAdapter(cfg_cls).validate_python(params, strict=False)
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        cfg = TypeAdapter(MODELS[self.kind][0]).validate_python(dict(self.model_extra or {}))
+        return {k: v for k, v in asdict(cfg).items() if k not in DERIVED_FIELDS}
+
+
+class TrainSection(_Strict):
+    """Mirror of models.training.TrainConfig, so YAML keys are checked at the edge."""
+
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    schedule: Literal["none", "cosine", "onecycle"] = "none"
+    device: str = "auto"
+
+    def to_train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump())
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # registered model name
+    experiment: str = "torchcycle"  # MLflow experiment
+    seed: int = 0
+    data: DataConfig
+    features: FeaturesConfig = FeaturesConfig()
+    model: ModelSpec
+    train: TrainSection = TrainSection()
+
+    def flat_params(self) -> dict[str, str]:
+        """The whole resolved config as dotted keys, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+
+        walk("", self.resolved())
+        return out
+
+    def resolved(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        d["model"] = {"kind": self.model.kind, **json.loads(json.dumps(self.model.params))}
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.resolved(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings; the value is parsed as YAML (so 3, 0.1, true, [1,2] work)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.sub=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}: cannot parse value '{raw}'") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy: never mutate the caller's dict
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config, apply `--set` overrides, validate. Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides)

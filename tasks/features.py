@@ -1,0 +1,65 @@
+"""Feature engineering: fit the feature pipeline on the train split, transform every split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.bundle import FeaturePipeline
+from tasks.config import FeaturesConfig
+from tasks.types import Splits
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Model-ready arrays for each split plus the fitted pipeline that made them."""
+
+    pipeline: FeaturePipeline
+    x_train: np.ndarray  # (N, F) float32
+    y_train: np.ndarray  # (N,) int64 class index or float32 target
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    test_frame: pd.DataFrame  # raw test rows (features + target), for examples and sample files
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.pipeline.classes or []) if self.pipeline.task == "classification" else 1
+
+
+def _sorted_labels(values: pd.Series) -> list[Any]:
+    uniq = pd.unique(values.dropna())
+    try:
+        return sorted(uniq.tolist())
+    except TypeError:  # mixed types: order by their text
+        return sorted(uniq.tolist(), key=str)
+
+
+def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
+    classes = None
+    if splits.task == "classification":
+        classes = _sorted_labels(
+            pd.concat([splits.train[splits.target], splits.val[splits.target], splits.test[splits.target]])
+        )
+    pipe = FeaturePipeline.fit(splits.train, splits.target, splits.task, classes, splits.image_shape, cfg.scale)
+
+    def xy(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        return pipe.transform(frame), pipe.encode_target(frame[splits.target])
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = xy(splits.train), xy(splits.val), xy(splits.test)
+    return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test)
+
+
+@task(name="features", cache_policy=NO_CACHE)
+def features_task(splits: Splits, cfg: FeaturesConfig) -> Prepared:
+    return build_features(splits, cfg)

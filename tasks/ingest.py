@@ -1,0 +1,161 @@
+"""Ingest: load a data set named by `data.source` into a RawData."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import DataConfig
+from tasks.types import DataError, RawData, Task, frame_digest
+
+_SKLEARN_TASKS: dict[str, Task] = {
+    "digits": "classification",
+    "iris": "classification",
+    "wine": "classification",
+    "breast_cancer": "classification",
+    "diabetes": "regression",
+}
+
+
+def _sklearn(name: str) -> tuple[pd.DataFrame, Task, tuple[int, int, int] | None]:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{name}")(as_frame=True)
+    frame = bunch.frame.copy()
+    # digits' 64 columns are an 8x8 grey image: keep the shape so a CNN can use it.
+    shape = (1, 8, 8) if name == "digits" else None
+    return frame, _SKLEARN_TASKS[name], shape
+
+
+def _synthetic(name: str) -> tuple[pd.DataFrame, Task]:
+    """The seed systems of the classic curriculum, generated deterministically."""
+    if name == "line":  # y = 2x + 1, exact
+        x = np.arange(0.0, 10.0, 0.5)
+        return pd.DataFrame({"x": x, "y": 2 * x + 1}), "regression"
+    if name == "xor":  # the four XOR points
+        return pd.DataFrame({"x1": [0.0, 0, 1, 1], "x2": [0.0, 1, 0, 1], "y": [0, 1, 1, 0]}), "classification"
+    if name == "regression":
+        from sklearn.datasets import make_regression
+
+        x, y = make_regression(n_samples=100, n_features=1, noise=10, bias=14.5, random_state=3)
+        return pd.DataFrame({"x": x[:, 0], "y": y}), "regression"
+    if name == "linear2d":  # y = X w + b + noise, w = [2, -3.4], b = 4.2, noise sd 0.01
+        rng = np.random.default_rng(0)
+        x = rng.normal(0, 1, size=(1000, 2))
+        y = x @ np.array([2.0, -3.4]) + 4.2 + rng.normal(0, 0.01, size=1000)
+        return pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "y": y}), "regression"
+    if name == "classification":
+        from sklearn.datasets import make_classification
+
+        x, y = make_classification(n_samples=100, n_features=10, n_informative=5, random_state=0)
+        frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(10)])
+        frame["y"] = y
+        return frame, "classification"
+    raise DataError(f"unknown synthetic data set '{name}'")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file; any failure becomes a DataError naming the file."""
+    if not path.exists():
+        raise DataError(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        elif suffix in (".csv", ".txt"):
+            frame = pd.read_csv(path)
+        else:
+            raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"input file is empty: {path}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"input file {path} is not valid UTF-8 text: {err.reason} at byte {err.start}") from None
+    except Exception as err:  # pyarrow/parser errors: corrupt or truncated files
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    if frame.columns.duplicated().any():
+        dups = sorted(set(frame.columns[frame.columns.duplicated()]))
+        raise DataError(f"{path} has duplicate column names: {', '.join(map(str, dups))}")
+    return frame
+
+
+def _infer_task(y: pd.Series) -> Task:
+    if isinstance(y.dtype, pd.CategoricalDtype) or y.dtype == bool or not pd.api.types.is_numeric_dtype(y):
+        return "classification"
+    if pd.api.types.is_integer_dtype(y) and y.nunique() <= 20:
+        return "classification"
+    return "regression"
+
+
+def _torchvision(name: str, root: str, download: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """Official train + test splits as one frame of flattened pixels plus a test-row mask."""
+    from torchvision import datasets
+
+    cls = getattr(datasets, name)
+    try:
+        parts = [cls(root=root, train=train, download=download) for train in (True, False)]
+    except RuntimeError as err:  # torchvision raises RuntimeError("Dataset not found ...")
+        raise DataError(
+            f"{name} not found under {root}: put the IDX files in {root}/{name}/raw "
+            f"(or set data.download: true where the network allows). ({err})"
+        ) from None
+    images = np.concatenate([p.data.numpy() for p in parts])  # (N, 28, 28) uint8
+    labels = np.concatenate([p.targets.numpy() for p in parts])
+    n, h, w = images.shape
+    frame = pd.DataFrame(images.reshape(n, h * w), columns=[f"pixel_{i}" for i in range(h * w)])
+    frame["label"] = labels
+    test_mask = np.zeros(n, dtype=bool)
+    test_mask[len(parts[0].targets) :] = True
+    return frame, test_mask
+
+
+def ingest(cfg: DataConfig) -> RawData:
+    """Load the configured source. Pure apart from reading files."""
+    scheme, _, name = cfg.source.partition(":")
+    image_shape = None
+    test_mask = None
+    if scheme == "sklearn":
+        frame, task_, image_shape = _sklearn(name)
+        target = "target"
+    elif scheme == "synthetic":
+        frame, task_ = _synthetic(name)
+        target = "y"
+    elif scheme == "file":
+        frame = read_table(Path(name))
+        target = cfg.target or ""
+        if target not in frame.columns:
+            raise DataError(
+                f"target column '{target}' not found in {name}; columns are: {', '.join(map(str, frame.columns))}"
+            )
+        task_ = _infer_task(frame[target])
+    elif scheme == "torchvision":
+        frame, test_mask = _torchvision(name, cfg.root or ".", cfg.download)
+        target, task_, image_shape = "label", "classification", (1, 28, 28)
+    else:
+        raise DataError(f"unknown source '{cfg.source}'")
+    if cfg.task != "auto":
+        task_ = cfg.task
+    if cfg.limit is not None and len(frame) > cfg.limit:
+        keep = np.random.default_rng(0).permutation(len(frame))[: cfg.limit]
+        keep.sort()
+        frame = frame.iloc[keep].reset_index(drop=True)
+        test_mask = test_mask[keep] if test_mask is not None else None
+    return RawData(
+        frame=frame,
+        target=target,
+        task=task_,
+        source=cfg.source,
+        digest=frame_digest(frame),
+        image_shape=image_shape,
+        test_mask=test_mask,
+    )
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+def ingest_task(cfg: DataConfig) -> RawData:
+    return ingest(cfg)

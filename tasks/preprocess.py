@@ -1,0 +1,56 @@
+"""Preprocess: drop unlabeled rows and split train/val/test (seeded, stratified for classes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sklearn.model_selection import train_test_split
+
+from tasks.config import DataConfig
+from tasks.types import DataError, RawData, Splits
+
+
+def _split(
+    frame: pd.DataFrame, size: float, stratify: pd.Series | None, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if size == 0:  # toy data: the held-out part is the training rows themselves
+        return frame, frame
+    try:
+        a, b = train_test_split(frame, test_size=size, random_state=seed, stratify=stratify)
+    except ValueError as err:  # e.g. a class with a single row cannot be stratified
+        if stratify is None:
+            raise DataError(f"cannot split {len(frame)} rows: {err}") from None
+        a, b = train_test_split(frame, test_size=size, random_state=seed)
+    return a, b
+
+
+def preprocess(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
+    """Never mutates raw.frame: every step works on copies."""
+    labeled = raw.frame[raw.frame[raw.target].notna()]
+    dropped = len(raw.frame) - len(labeled)
+    if len(labeled) == 0:
+        raise DataError(f"no rows with a value in target column '{raw.target}'")
+    strat = (lambda f: f[raw.target].astype(str)) if raw.task == "classification" else (lambda f: None)
+    if raw.test_mask is not None:  # predefined split (torchvision): respect it
+        mask = np.asarray(raw.test_mask)[raw.frame[raw.target].notna().to_numpy()]
+        rest, test = labeled[~mask], labeled[mask]
+    else:
+        rest, test = _split(labeled, cfg.test_size, strat(labeled), seed)
+    val_frac = cfg.val_size / (1 - cfg.test_size) if cfg.val_size else 0.0
+    train, val = _split(rest, val_frac, strat(rest), seed)
+    return Splits(
+        train=train.reset_index(drop=True),
+        val=val.reset_index(drop=True),
+        test=test.reset_index(drop=True),
+        target=raw.target,
+        task=raw.task,
+        image_shape=raw.image_shape,
+        dropped_rows=dropped,
+    )
+
+
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess_task(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
+    return preprocess(raw, cfg, seed)

@@ -1,0 +1,27 @@
+"""MLflow models-from-code entry point: MLflow runs this file to rebuild the model.
+
+Nothing is unpickled: the bundle's weights are safetensors, its preprocessing JSON + skops.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class TorchcyclePyfunc(mlflow.pyfunc.PythonModel):
+    """Raw input rows -> `prediction` (+ `proba_<class>` columns for classifiers)."""
+
+    def load_context(self, context) -> None:
+        from tasks.bundle import load_bundle
+
+        self.predictor = load_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        return self.predictor.predict(frame)
+
+
+set_model(TorchcyclePyfunc())

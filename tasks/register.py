@@ -1,0 +1,104 @@
+"""Register: log the model as an MLflow pyfunc (models-from-code, no pickle) and add a registry version."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.bundle import load_bundle, save_bundle
+from tasks.features import Prepared
+from tasks.train import TrainedModel
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+_REQUIREMENTS = ("torch", "numpy", "pandas", "scikit-learn", "skops", "safetensors", "pyarrow", "mlflow")
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_uri: str  # models:/NAME/VERSION
+    run_id: str
+
+
+def write_bundle(trained: TrainedModel, prepared: Prepared, target: str, directory: Path) -> Path:
+    return save_bundle(
+        directory,
+        kind=trained.kind,
+        model_config=trained.config,
+        state_dict=trained.state_dict,
+        pipeline=prepared.pipeline,
+        target=target,
+    )
+
+
+def input_example(prepared: Prepared, target: str, rows: int = 5) -> pd.DataFrame:
+    return prepared.test_frame.drop(columns=[target]).head(rows).reset_index(drop=True)
+
+
+def register_model(
+    *,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    bundle_dir: Path,
+    example: pd.DataFrame,
+    tags: dict[str, str],
+) -> RegisteredVersion:
+    from mlflow.models import infer_signature
+
+    import mlflow
+    import models
+    import tasks
+
+    mlflow.set_tracking_uri(tracking_uri)
+    predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is registered
+    signature = infer_signature(example, predictor.predict(example))
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # Known noise: our predict() is typed by the signature, not by Python type hints.
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"bundle": str(bundle_dir)},
+            # Ship the torch model code and bundle loader with the model: it loads anywhere.
+            code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"{p}=={pkg_version(p)}" for p in _REQUIREMENTS],
+        )
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
+
+
+@task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NO_CACHE)
+def register_task(
+    trained: TrainedModel,
+    prepared: Prepared,
+    target: str,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    name: str,
+    tags: dict[str, str],
+) -> RegisteredVersion:
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(trained, prepared, target, Path(tmp) / "bundle")
+        reg = register_model(
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            name=name,
+            bundle_dir=bundle,
+            example=input_example(prepared, target),
+            tags=tags,
+        )
+    get_run_logger().info("registered %s version %s", reg.name, reg.version)
+    return reg

@@ -1,0 +1,105 @@
+"""MLflow tracking helpers. Everything takes an explicit tracking URI / run id: no global state
+is touched on import, and MlflowClient with a run id is safe from Prefect's worker threads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+DEFAULT_STORE_DIR = "mlflow"  # embedded store, relative to the working directory
+
+
+def default_tracking_uri(store_dir: str | Path = DEFAULT_STORE_DIR) -> str:
+    return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    """Explicit value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under mlflow/."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Local SQLite stores keep artifacts beside the database; a server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create the embedded store's folder (only for local SQLite). Called at the edge, never on import."""
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
+
+
+@dataclass
+class MlflowEpochLogger:
+    """Training-loop callback: per-epoch metrics to one run, as a batch per epoch."""
+
+    client: MlflowClient
+    run_id: str
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+
+def log_figures(client: MlflowClient, run_id: str, figures: dict[str, bytes], artifact_path: str = "plots") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in figures.items():
+            (Path(tmp) / name).write_bytes(png)
+        client.log_artifacts(run_id, tmp, artifact_path)
+
+
+# ---- Prefect task wrappers: every one of these talks to the tracking server, so they retry. ----
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+_IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "cache_policy": NO_CACHE}
+
+
+@task(name="start-mlflow-run", **_IO_RETRIES)
+def start_run_task(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> str:
+    client = MlflowClient(tracking_uri)
+    exp_id = ensure_experiment(client, experiment, tracking_uri)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+@task(name="log-evaluation", **_IO_RETRIES)
+def log_evaluation_task(tracking_uri: str, run_id: str, metrics: dict[str, float], figures: dict[str, bytes]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    log_figures(client, run_id, figures)
+
+
+@task(name="finish-mlflow-run", **_IO_RETRIES)
+def finish_run_task(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status)

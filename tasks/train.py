@@ -1,0 +1,83 @@
+"""Train: build the configured model and fit it. No retries: a failed fit is a bug, not a blip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models import build_model, make_config
+from models.training import EpochCallback, FitResult, TensorData, fit, resolve_device, seed_everything
+from tasks.config import ModelSpec, TrainSection
+from tasks.features import Prepared
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    kind: str
+    config: Any  # the model's frozen config dataclass
+    state_dict: dict[str, torch.Tensor]  # CPU tensors
+    fit: FitResult
+    device: str
+
+    def build(self) -> torch.nn.Module:
+        model = build_model(self.kind, self.config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def train(
+    prepared: Prepared,
+    spec: ModelSpec,
+    cfg: TrainSection,
+    *,
+    seed: int,
+    device: torch.device,
+    callback: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainedModel:
+    seed_everything(seed)  # before building: weight init is part of the run
+    model_cfg = make_config(
+        spec.kind,
+        spec.params,
+        in_features=prepared.n_features,
+        n_outputs=prepared.n_outputs,
+        image_shape=prepared.pipeline.image_shape,
+    )
+    model = build_model(spec.kind, model_cfg)
+    y_dtype = torch.long if prepared.pipeline.task == "classification" else torch.float32
+    data = TensorData(
+        torch.tensor(prepared.x_train),
+        torch.tensor(prepared.y_train, dtype=y_dtype),
+        torch.tensor(prepared.x_val),
+        torch.tensor(prepared.y_val, dtype=y_dtype),
+    )
+    result = fit(
+        model,
+        data,
+        cfg.to_train_config(),
+        task=prepared.pipeline.task,
+        device=device,
+        seed=seed,
+        callback=callback,
+        progress=progress,
+    )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainedModel(spec.kind, model_cfg, state, result, str(device))
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(
+    prepared: Prepared, spec: ModelSpec, cfg: TrainSection, seed: int, callback: EpochCallback | None = None
+) -> TrainedModel:
+    device = resolve_device(cfg.device)
+    logger = get_run_logger()
+    logger.info(
+        "training %s on %s (%d rows, %d features)", spec.kind, device, len(prepared.x_train), prepared.n_features
+    )
+    trained = train(prepared, spec, cfg, seed=seed, device=device, callback=callback)
+    logger.info("best epoch %d of %d, %.1fs", trained.fit.best_epoch, len(trained.fit.history), trained.fit.seconds)
+    return trained

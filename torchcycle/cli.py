@@ -1,0 +1,121 @@
+"""The `torchcycle` command line. Config errors and bad data end in one message and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, track, register and score torch models.")
+DEFAULT_CONFIG = Path("configs/digits_cnn.yaml")
+EXIT_BAD_INPUT = 2
+
+
+def _setup_env() -> None:
+    # Offline machines: Prefect's telemetry would only log errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from tasks.config import ConfigError
+    from tasks.types import DataError
+
+    return (ConfigError, DataError)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
+) -> None:
+    """Run the training flow for one experiment config."""
+    _setup_env()
+    from tasks.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        from flows.training import training_flow
+
+        summary = training_flow(cfg)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    _print_training(summary)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "run_id": summary.run_id,
+                    "model_name": summary.model_name,
+                    "model_version": summary.model_version,
+                    "metrics": summary.metrics,
+                }
+            )
+        )
+
+
+def _print_training(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    table = Table(title=f"{summary.model_name} v{summary.model_version}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(summary.metrics.items()):
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    for line in (
+        f"model  {summary.model_uri}  ({summary.epochs} epochs on {summary.device})",
+        f"run    {summary.run_id}  in {summary.tracking_uri}",
+        "ui     torchcycle ui   (then open http://127.0.0.1:5000)",
+    ):
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """Open the MLflow UI on the embedded store (or print where the server is)."""
+    from tasks.tracking import artifact_root_for, prepare_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        typer.echo(f"Tracking server in use: {uri} (open it in a browser)")
+        return
+    prepare_store(uri)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifact_root_for(uri) or "",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
+    os.execv(sys.executable, cmd)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import DataConfig
+from tasks.retry import io_task_options
 from tasks.types import DataError, RawData, Task, frame_digest
 
 _SKLEARN_TASKS: dict[str, Task] = {
@@ -58,6 +58,25 @@ def _synthetic(name: str) -> tuple[pd.DataFrame, Task]:
     raise DataError(f"unknown synthetic data set '{name}'")
 
 
+def _header(path: Path, suffix: str) -> list[str]:
+    """Column names as stored: pandas would rename CSV duplicates ('a.1') and fail on Parquet ones."""
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _check_unique(names: list[str], path: Path) -> None:
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise DataError(f"{path} has duplicate column names: {', '.join(dups)}")
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV or Parquet file; any failure becomes a DataError naming the file."""
     if not path.exists():
@@ -65,8 +84,10 @@ def read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
+            _check_unique(_header(path, suffix), path)
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
+            _check_unique(_header(path, suffix), path)
             frame = pd.read_csv(path)
         else:
             raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
@@ -78,9 +99,6 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"input file {path} is not valid UTF-8 text: {err.reason} at byte {err.start}") from None
     except Exception as err:  # pyarrow/parser errors: corrupt or truncated files
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
-    if frame.columns.duplicated().any():
-        dups = sorted(set(frame.columns[frame.columns.duplicated()]))
-        raise DataError(f"{path} has duplicate column names: {', '.join(map(str, dups))}")
     return frame
 
 
@@ -156,6 +174,6 @@ def ingest(cfg: DataConfig) -> RawData:
     )
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE)
+@task(name="ingest", **io_task_options())
 def ingest_task(cfg: DataConfig) -> RawData:
     return ingest(cfg)

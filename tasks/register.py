@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.bundle import load_bundle, save_bundle
 from tasks.features import Prepared
+from tasks.retry import io_task_options
 from tasks.train import TrainedModel
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -79,7 +79,7 @@ def register_model(
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
 
 
-@task(name="register", retries=3, retry_delay_seconds=[2, 5, 15], cache_policy=NO_CACHE)
+@task(name="register", **io_task_options())
 def register_task(
     trained: TrainedModel,
     prepared: Prepared,

@@ -68,9 +68,10 @@ def log_figures(client: MlflowClient, run_id: str, figures: dict[str, bytes], ar
 
 # ---- Prefect task wrappers: every one of these talks to the tracking server, so they retry. ----
 from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-_IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "cache_policy": NO_CACHE}
+from tasks.retry import io_task_options  # noqa: E402
+
+_IO_RETRIES = io_task_options()
 
 
 @task(name="start-mlflow-run", **_IO_RETRIES)

@@ -25,11 +25,43 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
+class _NoTracebackForBadInput:
+    """Logging filter: a task that failed on bad input is logged as one line, not a traceback.
+
+    The CLI prints the error itself; a stack trace of Prefect internals would only bury it."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, _bad_input_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_bad_input_tracebacks() -> None:
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # idempotent; makes Prefect's handlers exist so the filter can be attached
+    handlers = {h for name in ("prefect", "") for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        handler.addFilter(_NoTracebackForBadInput())
+
+
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from tasks.config import ConfigError
     from tasks.types import DataError
 
     return (ConfigError, DataError)
+
+
+def _preflight(cfg) -> None:
+    """Checks that need no flow run: fail in milliseconds, not after starting Prefect."""
+    from tasks.config import ConfigError
+
+    scheme, _, path = cfg.data.source.partition(":")
+    if scheme == "file" and not Path(path).exists():
+        raise ConfigError(f"input file not found: {path}")
 
 
 @app.command()
@@ -44,8 +76,10 @@ def train(
 
     try:
         cfg = load_config(config, set_ or [])
+        _preflight(cfg)
         from flows.training import training_flow
 
+        _quiet_bad_input_tracebacks()
         summary = training_flow(cfg)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None

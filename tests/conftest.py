@@ -1,0 +1,39 @@
+"""Shared fixtures. Prefect runs against one session-scoped test harness; MLflow against a temp store."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh embedded MLflow store per test."""
+    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def mnist_root(tmp_path: Path) -> Path:
+    """A tiny MNIST in IDX format written by the test (nothing is downloaded)."""
+    from tasks.idx import digits_as_mnist, write_mnist
+
+    root = tmp_path / "mnist"
+    write_mnist(root, digits_as_mnist(300, seed=0), digits_as_mnist(100, seed=1))
+    return root

@@ -25,8 +25,9 @@ def write_idx_labels(path: Path, labels: np.ndarray) -> None:
     path.write_bytes(struct.pack(">II", 2049, len(labels)) + np.asarray(labels, dtype=np.uint8).tobytes())
 
 
-def write_mnist(root: str | Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                name: str = "MNIST") -> Path:
+def write_mnist(
+    root: str | Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], name: str = "MNIST"
+) -> Path:
     """Lay out train/test (images, labels) as `root/name/raw/*-ubyte`; returns the raw folder."""
     raw = Path(root) / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,16 @@ def _run(name: str, tmp_path: Path) -> tuple[dict[str, float], Predictor, float]
     return metrics, predictor, trained.fit.seconds
 
 
-@pytest.mark.parametrize(("name", "threshold"), [
-    ("digits_cnn", 0.98), ("digits_mlp", 0.96), ("wine_mlp", 0.95), ("xor_mlp", 1.0), ("digits_knn", 0.97),
-])
+@pytest.mark.parametrize(
+    ("name", "threshold"),
+    [
+        ("digits_cnn", 0.98),
+        ("digits_mlp", 0.96),
+        ("wine_mlp", 0.95),
+        ("xor_mlp", 1.0),
+        ("digits_knn", 0.97),
+    ],
+)
 def test_classifiers_reach_their_accuracy(name: str, threshold: float, tmp_path: Path) -> None:
     metrics, _, seconds = _run(name, tmp_path)
     assert metrics["test_accuracy"] >= threshold, metrics
@@ -67,7 +74,10 @@ def test_linear2d_recovers_w_and_b(tmp_path: Path) -> None:
 
 
 def test_remaining_configs_train(tmp_path: Path) -> None:
-    for name, key, floor in [("classification_mlp", "test_accuracy", 0.7), ("digits_softmax", "test_accuracy", 0.93),
-                             ("diabetes_linear", "test_r2", 0.3)]:
+    for name, key, floor in [
+        ("classification_mlp", "test_accuracy", 0.7),
+        ("digits_softmax", "test_accuracy", 0.93),
+        ("diabetes_linear", "test_r2", 0.3),
+    ]:
         metrics, _, _ = _run(name, tmp_path)
         assert metrics[key] >= floor, (name, metrics)

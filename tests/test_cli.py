@@ -16,14 +16,19 @@ from torchcycle.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("content", "needle"), [
-    ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp, widht: 3}\n", "unknown key model.widht"),
-    ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: resnet}\n", "unknown model kind 'resnet'"),
-    ("name: m\ndata: {source: 'kaggle:titanic'}\nmodel: {kind: mlp}\n", "unknown source scheme 'kaggle'"),
-    ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp}\ntrain: {lr: fast}\n", "train.lr"),
-    ("name: m\ndata: {source: 'file:/nonexistent.csv', target: y}\nmodel: {kind: mlp}\n",
-     "input file not found: /nonexistent.csv"),
-])
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp, widht: 3}\n", "unknown key model.widht"),
+        ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: resnet}\n", "unknown model kind 'resnet'"),
+        ("name: m\ndata: {source: 'kaggle:titanic'}\nmodel: {kind: mlp}\n", "unknown source scheme 'kaggle'"),
+        ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp}\ntrain: {lr: fast}\n", "train.lr"),
+        (
+            "name: m\ndata: {source: 'file:/nonexistent.csv', target: y}\nmodel: {kind: mlp}\n",
+            "input file not found: /nonexistent.csv",
+        ),
+    ],
+)
 def test_bad_config_exits_2_with_a_message(tmp_path: Path, content: str, needle: str) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(content)
@@ -44,12 +49,21 @@ def test_missing_config_file_and_bad_override_exit_2(tmp_path: Path) -> None:
 
 def test_train_json_end_to_end(tmp_path: Path) -> None:
     """The real console script in a fresh process, as a user runs it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torchcycle", "train", "--config", str(ROOT / "configs/xor_mlp.yaml"), "--json"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["model_name"] == "xor-mlp" and result["model_version"] == "1"

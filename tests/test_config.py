@@ -12,13 +12,25 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 BASE = {"name": "m", "data": {"source": "sklearn:iris"}, "model": {"kind": "mlp"}}
 
-EXPECTED = {"line_linear", "xor_mlp", "regression_linear", "linear2d_linear", "classification_mlp",
-            "digits_softmax", "digits_mlp", "digits_cnn", "digits_knn", "wine_mlp", "diabetes_linear", "mnist_cnn"}
+EXPECTED = {
+    "line_linear",
+    "xor_mlp",
+    "regression_linear",
+    "linear2d_linear",
+    "classification_mlp",
+    "digits_softmax",
+    "digits_mlp",
+    "digits_cnn",
+    "digits_knn",
+    "wine_mlp",
+    "diabetes_linear",
+    "mnist_cnn",
+}
 
 
 def test_every_seed_system_has_a_valid_config() -> None:
     found = {p.stem for p in CONFIGS.glob("*.yaml")}
-    assert EXPECTED <= found
+    assert found >= EXPECTED
     for name in found:
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.name
@@ -67,7 +79,7 @@ def test_bad_files(tmp_path: Path) -> None:
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         config_from_dict(BASE, ["novalue"])
     with pytest.raises(ConfigError, match="cannot parse"):
         config_from_dict(BASE, ["model.hidden=[64"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows.training import training_flow
 from tasks.config import config_from_dict
 from tasks.types import DataError
@@ -18,9 +18,14 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _cfg(source: str, kind: str = "mlp", **extra):
-    raw = {"name": "flow-test", "experiment": "tests", "data": {"source": source, **extra.pop("data", {})},
-           "model": {"kind": kind, **extra.pop("model", {})},
-           "train": {"epochs": 5, "patience": 0, "lr": 0.01, **extra.pop("train", {})}, **extra}
+    raw = {
+        "name": "flow-test",
+        "experiment": "tests",
+        "data": {"source": source, **extra.pop("data", {})},
+        "model": {"kind": kind, **extra.pop("model", {})},
+        "train": {"epochs": 5, "patience": 0, "lr": 0.01, **extra.pop("train", {})},
+        **extra,
+    }
     return config_from_dict(raw)
 
 
@@ -99,8 +104,13 @@ def test_flow_on_a_csv_with_categoricals(tracking_uri: str, tmp_path: Path) -> N
 
 
 def test_flow_trains_a_cnn_on_mnist_idx_files(tracking_uri: str, mnist_root: Path) -> None:
-    cfg = _cfg("torchvision:MNIST", "cnn", data={"root": str(mnist_root)},
-               model={"channels": [8, 16], "hidden": 32}, train={"epochs": 2, "batch_size": 64})
+    cfg = _cfg(
+        "torchvision:MNIST",
+        "cnn",
+        data={"root": str(mnist_root)},
+        model={"channels": [8, 16], "hidden": 32},
+        train={"epochs": 2, "batch_size": 64},
+    )
     summary = training_flow(cfg, tracking_uri=tracking_uri)
     assert 0.0 <= summary.metrics["test_accuracy"] <= 1.0
     assert MlflowClient(tracking_uri).get_model_version("flow-test", summary.model_version).status == "READY"

@@ -12,10 +12,8 @@ from models.training import TensorData, TrainConfig, fit, loss_fn, predict, reso
 def _data(task: str, n: int = 64, f: int = 16, classes: int = 3) -> TensorData:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, f, generator=g)
-    if task == "classification":
-        y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # 3 learnable classes
-    else:
-        y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5
+    classes = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # 3 learnable classes
+    y = classes if task == "classification" else 3 * x[:, 0] - 2 * x[:, 1] + 0.5
     return TensorData(x, y, x, y)
 
 
@@ -38,8 +36,14 @@ def test_shapes_and_loss_falls(kind: str, task: str, params: dict) -> None:
     out = model(data.x_train[:5])
     assert out.shape == (5, n_out)
     before = loss_fn(task, model(data.x_train), data.y_train).item()
-    result = fit(model, data, TrainConfig(epochs=30, batch_size=16, lr=0.02, patience=0), task=task,
-                 device=torch.device("cpu"), progress=False)
+    result = fit(
+        model,
+        data,
+        TrainConfig(epochs=30, batch_size=16, lr=0.02, patience=0),
+        task=task,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     after = loss_fn(task, predict(model, data.x_train, torch.device("cpu")), data.y_train).item()
     assert len(result.history) == 30
     assert after < 0.5 * before, f"{kind}: loss {before:.3f} -> {after:.3f}"
@@ -91,8 +95,14 @@ def test_early_stopping_restores_best_epoch() -> None:
     # Validation targets unrelated to the inputs: val loss cannot keep improving.
     noisy = TensorData(data.x_train, data.y_train, data.x_val, torch.randn(len(data.y_val)) * 10)
     model = build_model("mlp", make_config("mlp", {"hidden": (32,)}, in_features=16, n_outputs=1))
-    res = fit(model, noisy, TrainConfig(epochs=200, lr=0.05, patience=3), task="regression",
-              device=torch.device("cpu"), progress=False)
+    res = fit(
+        model,
+        noisy,
+        TrainConfig(epochs=200, lr=0.05, patience=3),
+        task="regression",
+        device=torch.device("cpu"),
+        progress=False,
+    )
     assert res.stopped_early
     assert len(res.history) == res.best_epoch + 3
     assert res.best_val_loss == min(h["val_loss"] for h in res.history)
@@ -101,8 +111,15 @@ def test_early_stopping_restores_best_epoch() -> None:
 def test_callback_gets_every_epoch() -> None:
     seen: list[tuple[int, dict]] = []
     model = build_model("linear", make_config("linear", {}, in_features=16, n_outputs=1))
-    fit(model, _data("regression"), TrainConfig(epochs=4, patience=0), task="regression",
-        device=torch.device("cpu"), callback=lambda e, m: seen.append((e, m)), progress=False)
+    fit(
+        model,
+        _data("regression"),
+        TrainConfig(epochs=4, patience=0),
+        task="regression",
+        device=torch.device("cpu"),
+        callback=lambda e, m: seen.append((e, m)),
+        progress=False,
+    )
     assert [e for e, _ in seen] == [1, 2, 3, 4]
     assert {"train_loss", "val_loss"} <= set(seen[0][1])
 
@@ -111,17 +128,30 @@ def test_divergence_is_a_clear_error() -> None:
     model = build_model("linear", make_config("linear", {}, in_features=16, n_outputs=1))
     data = _data("regression")
     big = TensorData(data.x_train * 1e20, data.y_train, data.x_val, data.y_val)
-    with pytest.raises(FloatingPointError, match="lower train.lr"):
-        fit(model, big, TrainConfig(epochs=3, lr=10.0, optimizer="sgd"), task="regression",
-            device=torch.device("cpu"), progress=False)
+    with pytest.raises(FloatingPointError, match=r"lower train\.lr"):
+        fit(
+            model,
+            big,
+            TrainConfig(epochs=3, lr=10.0, optimizer="sgd"),
+            task="regression",
+            device=torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_seeded_training_is_reproducible() -> None:
     def run() -> torch.Tensor:
         torch.manual_seed(1)
         model = build_model("mlp", make_config("mlp", {"hidden": (8,)}, in_features=16, n_outputs=3))
-        fit(model, _data("classification"), TrainConfig(epochs=3, patience=0), task="classification",
-            device=torch.device("cpu"), seed=1, progress=False)
+        fit(
+            model,
+            _data("classification"),
+            TrainConfig(epochs=3, patience=0),
+            task="classification",
+            device=torch.device("cpu"),
+            seed=1,
+            progress=False,
+        )
         return model.net[0].weight.detach().clone()
 
     assert torch.equal(run(), run())

@@ -28,20 +28,28 @@ def _raw(frame: pd.DataFrame, target: str = "y", task: str = "classification") -
 def _table() -> pd.DataFrame:
     rng = np.random.default_rng(0)
     n = 60
-    return pd.DataFrame({
-        "num": rng.normal(size=n),
-        "cat": rng.choice(["red", "green", "blue"], size=n),
-        "y": np.tile(["a", "b", "c"], n // 3),
-    })
+    return pd.DataFrame(
+        {
+            "num": rng.normal(size=n),
+            "cat": rng.choice(["red", "green", "blue"], size=n),
+            "y": np.tile(["a", "b", "c"], n // 3),
+        }
+    )
 
 
 # ---- ingest -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("source", "rows", "task"), [
-    ("sklearn:iris", 150, "classification"), ("sklearn:diabetes", 442, "regression"),
-    ("synthetic:line", 20, "regression"), ("synthetic:xor", 4, "classification"),
-    ("synthetic:regression", 100, "regression"), ("synthetic:linear2d", 1000, "regression"),
-    ("synthetic:classification", 100, "classification"),
-])
+@pytest.mark.parametrize(
+    ("source", "rows", "task"),
+    [
+        ("sklearn:iris", 150, "classification"),
+        ("sklearn:diabetes", 442, "regression"),
+        ("synthetic:line", 20, "regression"),
+        ("synthetic:xor", 4, "classification"),
+        ("synthetic:regression", 100, "regression"),
+        ("synthetic:linear2d", 1000, "regression"),
+        ("synthetic:classification", 100, "classification"),
+    ],
+)
 def test_ingest_sources(source: str, rows: int, task: str) -> None:
     raw = ingest(DataConfig(source=source))
     assert len(raw.frame) == rows and raw.task == task and raw.target in raw.frame
@@ -186,8 +194,14 @@ def test_regression_targets_round_trip() -> None:
 
 # ---- train, evaluate, bundle ---------------------------------------------------------------------
 def _train_small(tmp_path: Path, source: str = "sklearn:iris", kind: str = "mlp"):
-    cfg = config_from_dict({"name": "t", "data": {"source": source}, "model": {"kind": kind},
-                            "train": {"epochs": 30, "patience": 0, "lr": 0.01}})
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "data": {"source": source},
+            "model": {"kind": kind},
+            "train": {"epochs": 30, "patience": 0, "lr": 0.01},
+        }
+    )
     p = build_features(preprocess(ingest(cfg.data), cfg.data, 0), cfg.features)
     trained = train(p, cfg.model, cfg.train, seed=0, device=torch.device("cpu"), progress=False)
     return cfg, p, trained
@@ -211,10 +225,14 @@ def test_evaluate_regression_metrics_and_plots(tmp_path: Path) -> None:
 
 
 def test_bundle_round_trip_without_pickle(tmp_path: Path) -> None:
-    cfg, p, trained = _train_small(tmp_path)
+    _, p, trained = _train_small(tmp_path)
     bundle = write_bundle(trained, p, "target", tmp_path / "bundle")
     assert sorted(f.name for f in bundle.iterdir()) == [
-        "column_transformer.skops", "model.json", "preprocessor.json", "weights.safetensors"]
+        "column_transformer.skops",
+        "model.json",
+        "preprocessor.json",
+        "weights.safetensors",
+    ]
     predictor = load_bundle(bundle)
     rows = p.test_frame.drop(columns="target")
     out = predictor.predict(rows)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.config import ExperimentConfig
+from tasks.config import ConfigError, ExperimentConfig
 from tasks.evaluate import evaluate_task
 from tasks.features import features_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
+from tasks.promote import Decision, default_metric, gate_task
 from tasks.register import register_task
 from tasks.tracking import (
     MlflowEpochLogger,
@@ -37,7 +38,7 @@ class TrainingSummary:
     flow_run_id: str | None
     device: str
     epochs: int
-    extras: dict[str, str] = field(default_factory=dict)
+    decision: Decision | None = None
 
 
 def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
@@ -45,6 +46,8 @@ def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
     return (
         f"# {config.name}: version {s.model_version}\n\n"
         f"MLflow run `{s.run_id}` · model `{s.model_uri}` · {s.epochs} epochs on {s.device}\n\n"
+        f"Gate: {'promoted to champion' if s.decision and s.decision.promote else 'kept as challenger'}"
+        f" ({s.decision.reason if s.decision else 'not run'})\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )
 
@@ -78,8 +81,24 @@ def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> 
             "config_hash": config.config_hash(),
             "prefect_flow_run_id": flow_run_id or "",
         }
+        metric = config.gate.metric or default_metric(raw.task)
+        if metric not in report.metrics:
+            raise ConfigError(
+                f"gate.metric '{metric}' does not apply to {raw.task}: use one of {sorted(report.metrics)}"
+            )
         reg = register_task(
             trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=version_tags
+        )
+        decision = gate_task(
+            tracking_uri=uri,
+            name=reg.name,
+            version=reg.version,
+            metric=metric,
+            challenger_value=report.metrics[metric],
+            margin=config.gate.margin,
+            test_frame=prepared.test_frame,
+            target=raw.target,
+            flow_run_id=flow_run_id or "",
         )
     except BaseException:
         finish_run_task(uri, run_id, "FAILED")
@@ -95,6 +114,7 @@ def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> 
         flow_run_id=flow_run_id,
         device=trained.device,
         epochs=len(trained.fit.history),
+        decision=decision,
     )
     create_markdown_artifact(
         markdown=summary_markdown(config, summary), key="training-summary", description=f"{config.name} v{reg.version}"

@@ -117,6 +117,19 @@ class TrainSection(_Strict):
         return TrainConfig(**self.model_dump())
 
 
+class GateConfig(_Strict):
+    metric: str | None = None  # default: test_accuracy (classification) / test_r2 (regression)
+    margin: float = Field(0.0, ge=0)  # minimum improvement over the champion to promote
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        allowed = ("test_accuracy", "test_f1_macro", "test_r2", "test_mse", "test_mae")
+        if v is not None and v not in allowed:
+            raise ValueError(f"unknown gate metric '{v}': choose one of {', '.join(allowed)}")
+        return v
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # registered model name
     experiment: str = "torchcycle"  # MLflow experiment
@@ -125,6 +138,7 @@ class ExperimentConfig(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     model: ModelSpec
     train: TrainSection = TrainSection()
+    gate: GateConfig = GateConfig()
 
     def flat_params(self) -> dict[str, str]:
         """The whole resolved config as dotted keys, for MLflow params."""

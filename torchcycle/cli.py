@@ -108,6 +108,10 @@ def _print_training(summary) -> None:
     for k, v in sorted(summary.metrics.items()):
         table.add_row(k, f"{v:.4f}")
     console.print(table)
+    d = summary.decision
+    if d is not None:
+        verdict = "promoted to champion" if d.promote else "rejected: alias challenger, champion unchanged"
+        console.print(f"gate   {verdict} ({d.reason})", soft_wrap=True, highlight=False)
     for line in (
         f"model  {summary.model_uri}  ({summary.epochs} epochs on {summary.device})",
         f"run    {summary.run_id}  in {summary.tracking_uri}",
@@ -145,6 +149,72 @@ def ui(
     ]
     typer.echo(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
     os.execv(sys.executable, cmd)
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import resolve_tracking_uri
+
+    return MlflowClient(resolve_tracking_uri())
+
+
+@app.command("models")
+def models_cmd(
+    name: Annotated[str | None, typer.Argument(help="Registered model; all models when left out.")] = None,
+) -> None:
+    """A table of registered models, or of one model's versions with aliases and gate status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks import registry
+
+    client = _client()
+    try:
+        if name is None:
+            names = registry.list_models(client)
+            typer.echo("\n".join(names) if names else "no registered models yet: run `torchcycle train`")
+            return
+        rows = registry.list_versions(client, name)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    table = Table(title=name)
+    for col in ("version", "aliases", "status", "metric", "value", "created", "run id"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.version, ", ".join(r.aliases), r.status, r.metric, r.value, r.created, r.run_id)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to fit, so don't truncate
+        console = Console(width=200)
+    console.print(table)
+
+
+@app.command("promote")
+def promote_cmd(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
+) -> None:
+    """Point an alias (default champion) at a version by hand; recorded in the version's tags."""
+    from tasks import registry
+
+    try:
+        previous = registry.promote(_client(), name, version, alias)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"{name}@{alias}: v{previous or '-'} -> v{version}")
+
+
+@app.command("rollback")
+def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Move champion back to the previous champion."""
+    from tasks import registry
+
+    try:
+        old, new = registry.rollback(_client(), name)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"{name}@champion: v{old or '-'} -> v{new}")
 
 
 def main() -> None:

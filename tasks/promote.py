@@ -1,0 +1,155 @@
+"""Promotion gate: the new version (challenger) must beat the current `champion` on this run's test split.
+
+`should_promote` is the pure decision; `gate_task` does the registry I/O (aliases, tags) around it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+
+from tasks.retry import io_task_options
+from tasks.types import Task
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+# Metrics where smaller is better; every other metric is maximised.
+LOWER_IS_BETTER = frozenset({"test_mse", "test_mae"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger: float
+    champion: float | None  # None when there is no champion yet
+    champion_version: str | None = None
+
+
+def default_metric(task_: Task) -> str:
+    return "test_accuracy" if task_ == "classification" else "test_r2"
+
+
+def should_promote(
+    metric: str, challenger: float, champion: float | None, margin: float = 0.0, champion_version: str | None = None
+) -> Decision:
+    """Promote when there is no champion, or the challenger beats it by at least `margin`.
+
+    Ties and NaNs never promote over an existing champion: a model must earn the alias.
+    """
+    if champion is None:
+        return Decision(True, "first version: no champion yet", metric, challenger, None, None)
+    if math.isnan(challenger):
+        return Decision(False, f"challenger {metric} is NaN", metric, challenger, champion, champion_version)
+    gain = (champion - challenger) if metric in LOWER_IS_BETTER else (challenger - champion)
+    promote = math.isnan(champion) or (gain > 0 and gain >= margin)
+    rule = f">= margin {margin}" if promote else f"< required: > 0 and >= margin {margin}"
+    reason = f"{metric} {challenger:.4f} vs champion v{champion_version} {champion:.4f}: gain {gain:+.4f} {rule}"
+    return Decision(promote, reason, metric, challenger, champion, champion_version)
+
+
+def metric_on(predictions: pd.DataFrame, truth: pd.Series, metric: str) -> float:
+    """Score a pyfunc's output frame against raw target values (the same metrics evaluate() logs)."""
+    from sklearn import metrics as skm
+
+    pred = predictions["prediction"].to_numpy()
+    y = truth.to_numpy()
+    if metric == "test_accuracy":
+        return float((pred.astype(str) == y.astype(str)).mean())
+    if metric == "test_f1_macro":
+        return float(skm.f1_score(y.astype(str), pred.astype(str), average="macro"))
+    pred, y = pred.astype(np.float64), y.astype(np.float64)
+    if metric == "test_r2":
+        return float(skm.r2_score(y, pred))
+    if metric == "test_mse":
+        return float(skm.mean_squared_error(y, pred))
+    if metric == "test_mae":
+        return float(skm.mean_absolute_error(y, pred))
+    raise ValueError(f"unsupported gate metric '{metric}'")
+
+
+def decision_markdown(name: str, version: str, d: Decision) -> str:
+    verdict = "PROMOTED to champion" if d.promote else "REJECTED (alias challenger)"
+    champ = "none" if d.champion is None else f"v{d.champion_version}: {d.champion:.4f}"
+    return (
+        f"# Gate: {name} v{version} {verdict}\n\n| | |\n|---|---|\n| metric | {d.metric} |\n"
+        f"| challenger | {d.challenger:.4f} |\n| champion | {champ} |\n| reason | {d.reason} |\n"
+    )
+
+
+@task(name="gate", **io_task_options())
+def gate_task(
+    *,
+    tracking_uri: str,
+    name: str,
+    version: str,
+    metric: str,
+    challenger_value: float,
+    margin: float,
+    test_frame: pd.DataFrame,
+    target: str,
+    flow_run_id: str,
+) -> Decision:
+    """Score the current champion on this run's test rows, decide, then move aliases and tag the version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import mlflow
+
+    client = MlflowClient(tracking_uri)
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    champion_value = None
+    incomparable = None
+    champ_version = str(champ.version) if champ is not None else None  # MLflow returns ints here
+    if champ is not None and champ_version != str(version):
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{champ_version}")
+        try:
+            preds = model.predict(test_frame.drop(columns=[target]))
+        except MlflowException as err:  # e.g. the champion was trained on other columns
+            incomparable = f"champion v{champ_version} cannot score this run's test split: {err.message[:300]}"
+        else:
+            champion_value = metric_on(preds, test_frame[target], metric)
+    if incomparable:  # no fair comparison: never promote blindly
+        decision = Decision(False, incomparable, metric, challenger_value, None, champ_version)
+    else:
+        decision = should_promote(metric, challenger_value, champion_value, margin, champ_version)
+    record_decision(client, name, version, decision, flow_run_id)
+    get_run_logger().info("gate %s v%s: %s", name, version, decision.reason)
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=decision_markdown(name, version, decision), key="promotion-gate", description=f"{name} v{version}"
+    )
+    return decision
+
+
+def record_decision(client, name: str, version: str, d: Decision, flow_run_id: str = "") -> None:
+    """Tags first, alias last: a crash in between leaves the old champion in place."""
+    tags = {
+        "validation_status": "passed" if d.promote else "rejected",
+        "gate_metric": d.metric,
+        "gate_challenger_value": f"{d.challenger:.6g}",
+        "gate_champion_value": "" if d.champion is None else f"{d.champion:.6g}",
+        "gate_champion_version": d.champion_version or "",
+        "gate_reason": d.reason,
+        "gate_flow_run_id": flow_run_id,
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    if d.promote:
+        if d.champion_version:
+            from tasks.registry import append_champion_history
+
+            append_champion_history(client, name, d.champion_version)
+        client.set_registered_model_alias(name, CHAMPION, version)
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, version)

@@ -116,22 +116,6 @@ class FeaturePipeline:
             return ((pixels - self.pixel_mean) / self.pixel_std).astype(np.float32)
         return np.asarray(self.transformer.transform(x), dtype=np.float32)
 
-    @property
-    def n_features(self) -> int:
-        if self.image_shape is not None:
-            return len(self.columns)
-        return int(self.transformer.transform(self._empty_row()).shape[1])
-
-    def _empty_row(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                c: pd.Series([np.nan], dtype="float64")
-                if "float" in t or "int" in t
-                else pd.Series(["?"], dtype="object")
-                for c, t in self.input_dtypes.items()
-            }
-        )
-
     def encode_target(self, y: pd.Series) -> np.ndarray:
         if self.task == "regression":
             return ((y.to_numpy(dtype=np.float64) - self.target_mean) / self.target_std).astype(np.float32)

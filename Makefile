@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-run: $(STAMP)  ## train the default config end to end and print a summary
-	$(BIN)/torchcycle train --config configs/digits_cnn.yaml
+run: $(STAMP)  ## train the default config, gate it, batch-score held-out rows, print one summary
+	$(BIN)/torchcycle run --config configs/digits_cnn.yaml
 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
@@ -15,6 +16,7 @@ from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
 from tasks.promote import Decision, default_metric, gate_task
 from tasks.register import register_task
+from tasks.scoring import write_frame_task
 from tasks.tracking import (
     MlflowEpochLogger,
     finish_run_task,
@@ -39,6 +41,7 @@ class TrainingSummary:
     device: str
     epochs: int
     decision: Decision | None = None
+    holdout_path: str | None = None  # held-out test rows as Parquet, when asked for
 
 
 def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
@@ -53,7 +56,11 @@ def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
 
 
 @flow(name="training")
-def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> TrainingSummary:
+def training_flow(
+    config: ExperimentConfig, tracking_uri: str | None = None, holdout_path: str | None = None
+) -> TrainingSummary:
+    """Train, evaluate, register and gate one experiment. `holdout_path`: also write the test split
+    (features and target, never seen in training) there as Parquet, a realistic file to score."""
     uri = resolve_tracking_uri(tracking_uri)
     prepare_store(uri)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
@@ -71,6 +78,8 @@ def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> 
         validate_task(raw)
         splits = preprocess_task(raw, config.data, config.seed)
         prepared = features_task(splits, config.features)
+        if holdout_path:
+            write_frame_task(prepared.test_frame, Path(holdout_path))
         trained = train_task(
             prepared, config.model, config.train, config.seed, callback=MlflowEpochLogger(MlflowClient(uri), run_id)
         )
@@ -115,6 +124,7 @@ def training_flow(config: ExperimentConfig, tracking_uri: str | None = None) -> 
         device=trained.device,
         epochs=len(trained.fit.history),
         decision=decision,
+        holdout_path=holdout_path,
     )
     create_markdown_artifact(
         markdown=summary_markdown(config, summary), key="training-summary", description=f"{config.name} v{reg.version}"

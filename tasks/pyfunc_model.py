@@ -6,6 +6,7 @@ Nothing is unpickled: the bundle's weights are safetensors, its preprocessing JS
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 
@@ -17,9 +18,8 @@ class TorchcyclePyfunc(mlflow.pyfunc.PythonModel):
 
         self.predictor = load_bundle(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # A DataFrame hint: MLflow validates input against the logged signature, not the hint.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return self.predictor.predict(frame)
 

@@ -61,9 +61,7 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is registered
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # Known noise: our predict() is typed by the signature, not by Python type hints, and
-        # integer pixel/label columns are intended.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+        # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         signature = infer_signature(example, predictor.predict(example))
         info = mlflow.pyfunc.log_model(

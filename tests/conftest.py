@@ -37,3 +37,22 @@ def mnist_root(tmp_path: Path) -> Path:
     root = tmp_path / "mnist"
     write_mnist(root, digits_as_mnist(300, seed=0), digits_as_mnist(100, seed=1))
     return root
+
+
+def artifact_markdown(flow_run_id: str) -> str:
+    """Artifacts of a flow run via the REST API (prefect 3.8's client sends nulls this server rejects)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30)
+    resp.raise_for_status()
+    return "\n".join(str(a["data"]) for a in resp.json())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

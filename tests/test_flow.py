@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import artifact_markdown
 from mlflow.tracking import MlflowClient
 
 import mlflow
@@ -27,17 +28,6 @@ def _cfg(source: str, kind: str = "mlp", **extra):
         **extra,
     }
     return config_from_dict(raw)
-
-
-def _artifact_markdown(flow_run_id: str) -> str:
-    """Artifacts of a flow run via the REST API (prefect 3.8's client sends nulls this server rejects)."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC"}
-    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30)
-    resp.raise_for_status()
-    return "\n".join(str(a["data"]) for a in resp.json())
 
 
 def test_training_flow_tracks_registers_and_loads_back(tracking_uri: str) -> None:
@@ -81,7 +71,7 @@ def test_training_flow_tracks_registers_and_loads_back(tracking_uri: str) -> Non
     assert (local / "artifacts" / "bundle" / "weights.safetensors").exists()
 
     # the Prefect flow run carries a markdown summary with the metrics and the MLflow run id
-    md = _artifact_markdown(summary.flow_run_id)
+    md = artifact_markdown(summary.flow_run_id)
     assert summary.run_id in md and "test_accuracy" in md
 
     # a second run adds version 2 of the same model

@@ -18,6 +18,7 @@ EXIT_BAD_INPUT = 2
 def _setup_env() -> None:
     # Offline machines: Prefect's telemetry would only log errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model load is noise
 
 
 def _fail(message: str) -> typer.Exit:
@@ -97,7 +98,86 @@ def train(
         )
 
 
-def _print_training(summary) -> None:
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where the sample and scored files go.")] = Path("outputs"),
+) -> None:
+    """The main job: train, gate, then batch-score held-out rows with the champion; one summary."""
+    _setup_env()
+    from tasks.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        _preflight(cfg)
+        from flows.lifecycle import lifecycle_flow
+
+        _quiet_bad_input_tracebacks()
+        summary = lifecycle_flow(cfg, workdir=str(workdir))
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    _print_training(summary.training, ui_hint=False)
+    _print_scoring(summary.scoring)
+    _print_ui_hint()
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME (= NAME@champion), NAME@alias or NAME/version.")],
+    input_: Annotated[str, typer.Option("--input", "-i", help="CSV/Parquet file, directory or glob.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, or a directory: one file per input.")],
+    id_col: Annotated[list[str] | None, typer.Option("--id-col", help="Column to carry into the output first.")] = None,
+    batch_rows: Annotated[int, typer.Option(min=1, help="Rows per streamed batch.")] = 65_536,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
+) -> None:
+    """Batch-score files with a registered model into Parquet (written atomically)."""
+    _setup_env()
+    from tasks.scoring import ModelRef, find_inputs
+
+    try:
+        ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
+        find_inputs(input_)
+        from flows.scoring import scoring_flow
+
+        _quiet_bad_input_tracebacks()
+        result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    _print_scoring(result)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "model_name": result.model.name,
+                    "model_version": result.model.version,
+                    "rows": result.rows,
+                    "seconds": round(result.seconds, 3),
+                    "output": result.output,
+                    "files": [f.output for f in result.files],
+                    "skipped": [f.input for f in result.files if f.skipped],
+                    "run_id": result.scoring_run_id,
+                }
+            )
+        )
+
+
+def _print_scoring(result) -> None:
+    rate = result.rows / result.seconds if result.seconds > 0 else 0.0
+    skipped = sum(f.skipped for f in result.files)
+    typer.echo(
+        f"scored {result.rows} rows from {len(result.files) - skipped} file(s) with "
+        f"{result.model.name} v{result.model.version} in {result.seconds:.2f} s ({rate:,.0f} rows/s)"
+        + (f"; {skipped} already scored by this version, skipped" if skipped else "")
+    )
+    typer.echo(f"output {result.output}   (MLflow run {result.scoring_run_id})")
+
+
+def _print_ui_hint() -> None:
+    typer.echo("ui     torchcycle ui   (then open http://127.0.0.1:5000)")
+
+
+def _print_training(summary, ui_hint: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -115,9 +195,10 @@ def _print_training(summary) -> None:
     for line in (
         f"model  {summary.model_uri}  ({summary.epochs} epochs on {summary.device})",
         f"run    {summary.run_id}  in {summary.tracking_uri}",
-        "ui     torchcycle ui   (then open http://127.0.0.1:5000)",
     ):
         console.print(line, soft_wrap=True, highlight=False)
+    if ui_hint:
+        _print_ui_hint()
 
 
 @app.command()

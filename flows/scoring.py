@@ -1,0 +1,72 @@
+"""The batch-scoring flow: resolve the model version, load it through MLflow, score files, record the run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from prefect import flow, runtime
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.scoring import (
+    DEFAULT_BATCH_ROWS,
+    ModelRef,
+    ScoreResult,
+    find_inputs,
+    load_model_task,
+    log_scoring_task,
+    resolve_model_task,
+    score_task,
+    summary_markdown,
+)
+from tasks.tracking import finish_run_task, prepare_store, resolve_tracking_uri, start_run_task
+
+SCORING_EXPERIMENT = "scoring"
+
+
+@flow(name="scoring")
+def scoring_flow(
+    model: str,
+    input: str,
+    output: str,
+    id_cols: list[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    tracking_uri: str | None = None,
+    experiment: str = SCORING_EXPERIMENT,
+) -> ScoreResult:
+    """Score a file, directory or glob of CSV/Parquet with `model` (NAME, NAME@alias, NAME/version).
+
+    `output` ending in .parquet is one file for all inputs; anything else is a directory with one
+    file per input and model version, and inputs already scored by that version are skipped."""
+    uri = resolve_tracking_uri(tracking_uri)
+    prepare_store(uri)
+    ref = ModelRef.parse(model)
+    inputs = find_inputs(input)
+    resolved = resolve_model_task(uri, ref)
+    loaded = load_model_task(uri, resolved)
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
+    params = {
+        "model_ref": str(ref),
+        "model_uri": resolved.uri,
+        "model_name": resolved.name,
+        "model_version": resolved.version,
+        "input": str(input),
+        "output": str(output),
+        "batch_rows": str(batch_rows),
+    }
+    tags = {"prefect.flow_run_id": flow_run_id, "model_run_id": resolved.run_id, "torchcycle.kind": "scoring"}
+    run_id = start_run_task(uri, experiment, f"score-{resolved.name}-v{resolved.version}", params, tags)
+    try:
+        result = score_task(loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows)
+        log_scoring_task(uri, run_id, result)
+    except BaseException:
+        finish_run_task(uri, run_id, "FAILED")
+        raise
+    finish_run_task(uri, run_id)
+    result = replace(result, scoring_run_id=run_id)
+    create_markdown_artifact(
+        markdown=summary_markdown(result) + f"\nMLflow run `{run_id}`\n",
+        key="scoring-summary",
+        description=f"{resolved.name} v{resolved.version}: {result.rows} rows",
+    )
+    return result

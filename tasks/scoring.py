@@ -1,0 +1,462 @@
+"""Batch scoring: stream CSV/Parquet through a registered model into Parquet, written atomically.
+
+Plain functions (reference parsing, schema checks, per-batch scoring, the atomic sink) are
+side-effect free or touch only the files they are given; the @task wrappers at the bottom do
+registry I/O and carry the retries.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from tasks.types import DataError
+
+SUFFIXES = (".csv", ".parquet", ".pq")
+LINEAGE_COLUMNS = ("model_name", "model_version", "model_run_id")
+DEFAULT_BATCH_ROWS = 65_536  # rows per record batch: bounded memory whatever the file size
+
+
+# ---- model references ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """`NAME` (= NAME@champion), `NAME@alias` or `NAME/version`."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str, default_alias: str = "champion") -> ModelRef:
+        m = re.fullmatch(r"(?:models:/)?([^@/\s]+)(?:@([\w-]+)|/(\d+))?", ref.strip())
+        if not m:
+            raise DataError(f"bad model reference '{ref}': use NAME, NAME@alias or NAME/version")
+        name, alias, version = m.groups()
+        return cls(name, alias or (None if version else default_alias), version)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A reference pinned to one registry version, so lineage names exactly what scored."""
+
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(client: Any, ref: ModelRef) -> ResolvedModel:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = (
+            client.get_model_version_by_alias(ref.name, ref.alias)
+            if ref.alias
+            else client.get_model_version(ref.name, ref.version)
+        )
+    except MlflowException as err:
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise DataError(f"no model version for '{ref}' in the registry") from None
+        raise  # server trouble: transient, the task retries
+    return ResolvedModel(mv.name, str(mv.version), mv.run_id or "")
+
+
+# ---- inputs and their schema --------------------------------------------------------------------
+def find_inputs(path: str | Path) -> list[Path]:
+    """A file, a directory (its CSV/Parquet files) or a glob; sorted so output order is stable."""
+    text = str(path)
+    p = Path(text)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES]
+    elif p.is_file():
+        files = [p]
+    elif glob.has_magic(text):
+        files = [Path(f) for f in glob.glob(text) if Path(f).is_file()]
+    else:
+        raise DataError(f"input not found: {text}")
+    files = sorted(f for f in files if not f.name.startswith("."))  # skip our own partial files
+    if not files:
+        raise DataError(f"no .csv or .parquet files in {text}")
+    bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
+    if bad:
+        raise DataError(f"unsupported input file type: {', '.join(bad)} (use .csv or .parquet)")
+    return files
+
+
+_KINDS = {
+    "boolean": "bool",
+    "integer": "number",
+    "long": "number",
+    "float": "number",
+    "double": "number",
+    "string": "string",
+    "datetime": "datetime",
+}
+
+
+def expected_columns(signature_schema: Any) -> dict[str, str]:
+    """Model input signature -> {column: kind}, kind in number | string | bool | datetime."""
+    if signature_schema is None or not signature_schema.has_input_names():
+        raise DataError("the model has no named input schema: re-register it with torchcycle train")
+    return {
+        spec.name: _KINDS.get(getattr(spec.type, "name", str(spec.type)), "string") for spec in signature_schema.inputs
+    }
+
+
+def _kind_of(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _kind_of(t.value_type)
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return "datetime"
+    if pa.types.is_null(t):
+        return "null"  # an all-empty CSV column: fits any kind
+    return str(t)
+
+
+def check_schema(schema: pa.Schema, expected: dict[str, str], source: str) -> None:
+    """Every problem at once: duplicate names, missing columns, incompatible types."""
+    names = schema.names
+    problems = []
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"duplicate column name(s) {', '.join(dupes)}")
+    missing = [c for c in expected if c not in names]
+    if missing:
+        problems.append(f"missing column(s) {_names(missing)}")
+    wrong: dict[tuple[str, str], list[str]] = {}  # (expected kind, found type) -> columns
+    for col, kind in expected.items():
+        if col in names and col not in dupes:
+            found = _kind_of(schema.field(col).type)
+            # bools fit numeric columns (0/1); nothing else crosses kinds silently
+            if found not in (kind, "null") and not (kind == "number" and found == "bool"):
+                wrong.setdefault((kind, str(schema.field(col).type)), []).append(col)
+    for (kind, found), cols in wrong.items():
+        problems.append(f"column(s) {_names(cols)} must be {kind}, found {found}")
+    clash = [c for c in (*LINEAGE_COLUMNS, "prediction") if c in names]
+    if clash:
+        problems.append(f"input column(s) {', '.join(clash)} would be overwritten by the output")
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems))
+
+
+def _names(cols: list[str], show: int = 6) -> str:
+    more = f" (+{len(cols) - show} more)" if len(cols) > show else ""
+    return ", ".join(f"'{c}'" for c in cols[:show]) + more
+
+
+_CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
+
+
+@contextmanager
+def open_batches(
+    path: Path, expected: dict[str, str], batch_rows: int
+) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]]:
+    """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError."""
+    pf: pq.ParquetFile | None = None
+    try:
+        if path.suffix.lower() == ".csv":
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),  # ~4 MiB of text per batch
+                # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES}
+                ),
+            )
+            schema, batches, total = reader.schema, iter(reader), None
+        else:
+            pf = pq.ParquetFile(path)
+            schema, batches, total = pf.schema_arrow, pf.iter_batches(batch_size=batch_rows), pf.metadata.num_rows
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path}: {_short(err)}") from None
+    try:
+        yield schema, _wrap_errors(batches, path), total
+    finally:
+        if pf is not None:
+            pf.close()
+
+
+def _wrap_errors(batches: Iterator[pa.RecordBatch], path: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from batches
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path}: {_short(err)}") from None
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def _constant(value: str, n: int) -> pa.Array:
+    # Dictionary-encoded: one string stored once per batch, and near-free in Parquet.
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+
+
+def score_batch(
+    batch: pa.RecordBatch,
+    predict: Callable[[Any], Any],
+    expected: dict[str, str],
+    passthrough: list[str],
+    model: ResolvedModel,
+) -> pa.RecordBatch:
+    """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order."""
+    features = pa.Table.from_batches([batch.select(list(expected))])
+    for i, (col, kind) in enumerate(expected.items()):
+        if kind == "number":  # ints and floats alike: the feature pipeline works in floats
+            features = features.set_column(i, col, features.column(col).cast(pa.float64()))
+    result = predict(features.to_pandas())
+    if len(result) != batch.num_rows:
+        raise RuntimeError(f"model returned {len(result)} rows for {batch.num_rows}")
+    out = pa.Table.from_pandas(result, preserve_index=False)
+    arrays = [batch.column(c) for c in passthrough] + [c.combine_chunks() for c in out.columns]
+    arrays += [_constant(v, batch.num_rows) for v in (model.name, model.version, model.run_id)]
+    return pa.RecordBatch.from_arrays(arrays, names=[*passthrough, *out.column_names, *LINEAGE_COLUMNS])
+
+
+@contextmanager
+def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
+    """Yield a batch writer; the file appears at `path` only when every batch is written.
+
+    Batches go to a hidden `.NAME.partial` beside the target (same filesystem, so the rename is
+    atomic). A crash leaves at most that partial file, which the next run overwrites."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    writer: pq.ParquetWriter | None = None
+
+    def write(batch: pa.RecordBatch) -> None:
+        nonlocal writer
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, batch.schema)
+        elif batch.schema != writer.schema:
+            raise DataError(f"inputs written to {path.name} differ in columns: {batch.schema.names}")
+        writer.write_batch(batch)
+
+    try:
+        yield write
+        if writer is None:
+            raise DataError("no rows to write")
+        writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())  # the bytes are on disk before the name says the file is complete
+        os.replace(tmp, path)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class FileResult:
+    input: str
+    output: str
+    rows: int
+    digest: str
+    skipped: bool = False  # output for this model version already existed
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    model: ResolvedModel
+    files: tuple[FileResult, ...]
+    seconds: float
+    output: str
+    scoring_run_id: str = ""  # the MLflow run that recorded this scoring
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files if not f.skipped)
+
+    @property
+    def input_digest(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f.digest.encode())
+        return h.hexdigest()
+
+
+def output_is_directory(output: Path) -> bool:
+    return output.suffix.lower() not in (".parquet", ".pq")
+
+
+def output_name(input_path: Path, model: ResolvedModel) -> str:
+    """Per-input output name in directory mode: the model version is part of it (idempotent re-runs)."""
+    return f"{input_path.stem}.{model.name}-v{model.version}.parquet"
+
+
+@dataclass
+class Scorer:
+    """Scores input files with one loaded model. `predict` maps a pandas frame to a result frame."""
+
+    predict: Callable[[Any], Any]
+    expected: dict[str, str]
+    model: ResolvedModel
+    id_cols: tuple[str, ...] = ()
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    progress: bool = True
+
+    def score(self, inputs: list[Path], output: Path) -> ScoreResult:
+        start = time.perf_counter()
+        files: list[FileResult] = []
+        if output_is_directory(output):
+            for path in inputs:
+                target = output / output_name(path, self.model)
+                if target.exists():
+                    files.append(FileResult(str(path), str(target), 0, file_digest(path), skipped=True))
+                    continue
+                with atomic_parquet(target) as write:
+                    files.append(self._score_file(path, target, write))
+        else:
+            with atomic_parquet(output) as write:
+                files = [self._score_file(path, output, write) for path in inputs]
+        return ScoreResult(self.model, tuple(files), time.perf_counter() - start, str(output))
+
+    def _score_file(self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None]) -> FileResult:
+        from tqdm.auto import tqdm
+
+        rows = 0
+        with open_batches(path, self.expected, self.batch_rows) as (schema, batches, total):
+            check_schema(schema, self.expected, str(path))
+            missing_ids = [c for c in self.id_cols if c not in schema.names]
+            if missing_ids:
+                raise DataError(f"{path}: id column(s) not found: {', '.join(missing_ids)}")
+            # ids first, then every column the model does not use (extras are passed through)
+            passthrough = [
+                *self.id_cols,
+                *(c for c in schema.names if c not in self.expected and c not in self.id_cols),
+            ]
+            with tqdm(total=total, unit="row", desc=path.name, disable=not self.progress, leave=False) as bar:
+                for batch in batches:
+                    if batch.num_rows:
+                        write(score_batch(batch, self.predict, self.expected, passthrough, self.model))
+                    rows += batch.num_rows
+                    bar.update(batch.num_rows)
+        if rows == 0:
+            raise DataError(f"{path} has no data rows")
+        return FileResult(str(path), str(target), rows, file_digest(path))
+
+
+def summary_markdown(result: ScoreResult) -> str:
+    lines = "\n".join(
+        f"| {Path(f.input).name} | {f.output} | {'skipped (exists)' if f.skipped else f.rows} |" for f in result.files
+    )
+    rate = result.rows / result.seconds if result.seconds > 0 else 0.0
+    return (
+        f"# Scored with {result.model.name} v{result.model.version}\n\n"
+        f"{result.rows} rows in {result.seconds:.2f} s ({rate:,.0f} rows/s) · run `{result.model.run_id}` · "
+        f"input digest `{result.input_digest[:16]}`\n\n| input | output | rows |\n|---|---|---|\n{lines}\n"
+    )
+
+
+def write_frame(frame: Any, path: Path) -> Path:
+    """Write a DataFrame as Parquet atomically (a sample file for scoring, say)."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with atomic_parquet(path) as write:
+        for batch in table.to_batches(max_chunksize=DEFAULT_BATCH_ROWS):
+            write(batch)
+    return path
+
+
+# ---- Prefect task wrappers ----------------------------------------------------------------------
+from prefect import get_run_logger, task  # noqa: E402
+
+from tasks.retry import io_task_options  # noqa: E402
+
+
+@task(name="resolve-model", **io_task_options())
+def resolve_model_task(tracking_uri: str, ref: ModelRef) -> ResolvedModel:
+    from mlflow.tracking import MlflowClient
+
+    return resolve_model(MlflowClient(tracking_uri), ref)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    predict: Callable[[Any], Any]
+    expected: dict[str, str]
+
+
+@task(name="load-model", **io_task_options())
+def load_model_task(tracking_uri: str, model: ResolvedModel) -> LoadedModel:
+    """Load the registered pyfunc through MLflow (models:/NAME/VERSION)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(model.uri)
+    expected = expected_columns(pyfunc.metadata.get_input_schema())
+    inner = pyfunc.unwrap_python_model()
+    # Our own pyfunc: call its predictor directly; the columns were checked and cast above, so
+    # MLflow's per-batch schema enforcement would only repeat that work. Anything else: pyfunc.predict.
+    predict = inner.predictor.predict if hasattr(inner, "predictor") else pyfunc.predict
+    return LoadedModel(predict, expected)
+
+
+@task(name="score-files", **io_task_options())
+def score_task(
+    loaded: LoadedModel,
+    model: ResolvedModel,
+    inputs: list[Path],
+    output: Path,
+    id_cols: tuple[str, ...] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> ScoreResult:
+    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows)
+    result = scorer.score(inputs, output)
+    get_run_logger().info("scored %d rows with %s v%s -> %s", result.rows, model.name, model.version, output)
+    return result
+
+
+@task(name="write-sample", **io_task_options())
+def write_frame_task(frame: Any, path: Path) -> Path:
+    return write_frame(frame, path)
+
+
+@task(name="log-scoring", **io_task_options())
+def log_scoring_task(tracking_uri: str, run_id: str, result: ScoreResult) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    skipped = sum(f.skipped for f in result.files)
+    values = {
+        "rows": result.rows,
+        "seconds": result.seconds,
+        "rows_per_second": result.rows / result.seconds if result.seconds > 0 else 0.0,
+        "files_scored": len(result.files) - skipped,
+        "files_skipped": skipped,
+    }
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+    client.set_tag(run_id, "input_digest", result.input_digest)
+    client.log_text(run_id, summary_markdown(result), "scoring_summary.md")

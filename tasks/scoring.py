@@ -190,7 +190,8 @@ def open_batches(
             )
             schema, batches, total = reader.schema, iter(reader), None
         else:
-            pf = pq.ParquetFile(path)
+            # pre_buffer=False: with it on, pyarrow keeps every row group it read (memory grows with the file).
+            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
             schema, batches, total = pf.schema_arrow, pf.iter_batches(batch_size=batch_rows), pf.metadata.num_rows
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {_short(err)}") from None
@@ -257,7 +258,9 @@ def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
     def write(batch: pa.RecordBatch) -> None:
         nonlocal writer
         if writer is None:
-            writer = pq.ParquetWriter(tmp, batch.schema)
+            # Dictionary-encode only the constant lineage columns: trying it on float columns costs time.
+            lineage = [c for c in LINEAGE_COLUMNS if c in batch.schema.names]
+            writer = pq.ParquetWriter(tmp, batch.schema, use_dictionary=lineage)
         elif batch.schema != writer.schema:
             raise DataError(f"inputs written to {path.name} differ in columns: {batch.schema.names}")
         writer.write_batch(batch)
@@ -343,6 +346,15 @@ class Scorer:
         return ScoreResult(self.model, tuple(files), time.perf_counter() - start, str(output))
 
     def _score_file(self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None]) -> FileResult:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Hash the input on a second thread while scoring (hashlib releases the GIL on large reads).
+        with ThreadPoolExecutor(1) as pool:
+            digest = pool.submit(file_digest, path)
+            rows = self._score_rows(path, write)
+            return FileResult(str(path), str(target), rows, digest.result())
+
+    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None]) -> int:
         from tqdm.auto import tqdm
 
         rows = 0
@@ -364,7 +376,7 @@ class Scorer:
                     bar.update(batch.num_rows)
         if rows == 0:
             raise DataError(f"{path} has no data rows")
-        return FileResult(str(path), str(target), rows, file_digest(path))
+        return rows
 
 
 def summary_markdown(result: ScoreResult) -> str:

@@ -1,0 +1,215 @@
+"""Batch-scoring throughput and memory, measured side by side in one run.
+
+    python bench/bench_predict.py [--rows 1000000] [--big-rows 4000000] [--repeats 3]
+
+1. Writes Parquet with ROWS x 20 float features (and BIG_ROWS for the memory check) and trains a
+   tabular MLP on a 50k-row sample through the real training flow (temporary MLflow store).
+2. (a) pyarrow alone: read the file and write it back (`read_table` + `write_table`, the fastest form).
+   (b) torchcycle's scoring path: the model loaded through MLflow (models:/NAME/1), then `Scorer.score`,
+       the code `torchcycle predict` runs inside its flow: stream, check schema, predict, write Parquet.
+   (a) and (b) alternate, best of --repeats each, so both see the same machine load.
+3. Peak RSS of the scoring path on ROWS and on BIG_ROWS, each in a fresh process.
+
+Prints times, the b/a ratio (goal <= 2.0), rows/s and the RSS ratio big/small (goal <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+N_FEATURES = 20
+NAME = "bench-mlp"
+
+
+def make_data(path: Path, rows: int, seed: int, chunk: int = 500_000) -> None:
+    """Features x ~ N(0, 1) (float64); label = sign of a fixed linear score plus noise. Written in chunks."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    w = np.linspace(-1, 1, N_FEATURES)
+    writer = None
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        x = rng.standard_normal((n, N_FEATURES))
+        cols = {f"f{i:02d}": x[:, i] for i in range(N_FEATURES)}
+        cols["label"] = (x @ w + 0.3 * rng.standard_normal(n) > 0).astype(np.int64)
+        table = pa.table(cols)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=131_072)
+    writer.close()
+
+
+def train(work: Path, uri: str) -> None:
+    import pandas as pd
+
+    from flows.training import training_flow
+    from tasks.config import config_from_dict
+
+    sample = work / "train.parquet"
+    pd.read_parquet(work / "small.parquet").head(50_000).to_parquet(sample)
+    cfg = config_from_dict(
+        {
+            "name": NAME,
+            "experiment": "bench",
+            "data": {"source": f"file:{sample}", "target": "label"},
+            "model": {"kind": "mlp", "hidden": [64, 64]},
+            "train": {"epochs": 3, "batch_size": 512, "lr": 0.003, "patience": 0},
+        }
+    )
+    summary = training_flow(cfg, tracking_uri=uri)
+    print(f"trained {summary.model_uri}: test_accuracy {summary.metrics['test_accuracy']:.4f}", flush=True)
+
+
+def load_scorer(uri: str, work: Path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.scoring import ModelRef, Scorer, load_model_task, resolve_model
+
+    model = resolve_model(MlflowClient(uri), ModelRef.parse(f"{NAME}/1"))
+    loaded = load_model_task.fn(uri, model)  # the task's plain function: same code, no Prefect run
+    return Scorer(loaded.predict, loaded.expected, model, progress=False)
+
+
+def features_only(src: Path, dst: Path) -> None:
+    """Scoring input = the features without the label (what a user would score)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    writer = pq.ParquetWriter(dst, pf.schema_arrow.remove(pf.schema_arrow.get_field_index("label")))
+    for batch in pf.iter_batches(batch_size=131_072):
+        writer.write_batch(batch.drop_columns(["label"]))
+    writer.close()
+
+
+def time_pyarrow(src: Path, out: Path) -> float:
+    import pyarrow.parquet as pq
+
+    t = time.perf_counter()
+    pq.write_table(pq.read_table(src), out)
+    return time.perf_counter() - t
+
+
+def time_scoring(scorer, src: Path, out: Path) -> float:
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    result = scorer.score([src], out)
+    seconds = time.perf_counter() - t
+    assert result.rows == _rows(src), "rows out != rows in"
+    return seconds
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _rss_mib() -> float:
+    """Current resident set size (Linux /proc); falls back to the lifetime peak elsewhere."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(uri: str, work: Path, src: Path) -> None:
+    """One fresh process: load the model, score `src`, report seconds and RSS (MiB) sampled while scoring.
+
+    Sampling (every 5 ms) rather than ru_maxrss: loading torch + MLflow peaks higher than scoring
+    does, and would hide how scoring's own memory grows with the file."""
+    import threading
+
+    scorer = load_scorer(uri, work)
+    before = _rss_mib()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    seconds = time_scoring(scorer, src, work / f"child-{src.stem}.parquet")
+    done.set()
+    sampler.join()
+    print(json.dumps({"seconds": seconds, "peak_mib": max(peak[0], _rss_mib()), "before_mib": before}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--big-rows", type=int, default=4_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    ap.add_argument("--child", nargs=3, metavar=("URI", "WORK", "SRC"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.child:
+        uri, work, src = args.child
+        child(uri, Path(work), Path(src))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        print(f"writing {args.rows:,} and {args.big_rows:,} rows x {N_FEATURES} float features ...", flush=True)
+        make_data(work / "small.parquet", args.rows, seed=0)
+        make_data(work / "big.parquet", args.big_rows, seed=1)
+        features_only(work / "small.parquet", work / "small_x.parquet")
+        features_only(work / "big.parquet", work / "big_x.parquet")
+        os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+        train(work, uri)
+
+        scorer = load_scorer(uri, work)
+        src = work / "small_x.parquet"
+        time_scoring(scorer, src, work / "warm.parquet")  # warm-up: page cache, allocator, torch threads
+        a, b = [], []
+        for _ in range(args.repeats):
+            a.append(time_pyarrow(src, work / "copy.parquet"))
+            b.append(time_scoring(scorer, src, work / "scored.parquet"))
+        ta, tb = min(a), min(b)
+
+        rss = {}
+        for label, path in (("small", src), ("big", work / "big_x.parquet")):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", uri, str(work), str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rss[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    n = args.rows
+    print()
+    print(f"{'path':<44}{'seconds':>10}{'rows/s':>14}")
+    print(f"{'(a) pyarrow read_table + write_table':<44}{ta:>10.3f}{n / ta:>14,.0f}")
+    print(f"{'(b) torchcycle scoring (stream+check+predict)':<44}{tb:>10.3f}{n / tb:>14,.0f}")
+    print(f"ratio b/a = {tb / ta:.2f}   (goal <= 2.0; best of {args.repeats}, alternated)")
+    print()
+    for label, rows in (("small", args.rows), ("big", args.big_rows)):
+        r = rss[label]
+        print(
+            f"peak RSS while scoring {rows:>10,} rows: {r['peak_mib']:6.0f} MiB"
+            f"  (model loaded: {r['before_mib']:.0f} MiB, growth {r['peak_mib'] - r['before_mib']:.0f} MiB)"
+        )
+    print(f"ratio big/small = {rss['big']['peak_mib'] / rss['small']['peak_mib']:.2f}   (goal <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

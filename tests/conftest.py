@@ -40,7 +40,7 @@ def mnist_root(tmp_path: Path) -> Path:
 
 
 def artifact_markdown(flow_run_id: str) -> str:
-    """Artifacts of a flow run via the REST API (prefect 3.8's client sends nulls this server rejects)."""
+    """Markdown of a flow run's artifacts, read through the REST API."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 

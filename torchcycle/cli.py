@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -296,6 +297,70 @@ def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"{name}@champion: v{old or '-'} -> v{new}")
+
+
+_DeployConfig = Annotated[str, typer.Option("--config", help="Config the nightly retrain trains.")]
+_ScoreModel = Annotated[str, typer.Option("--model", help="Model the hourly scoring uses.")]
+_ScoreIn = Annotated[str, typer.Option("--score-input", help="Directory/glob scored hourly.")]
+_ScoreOut = Annotated[str, typer.Option("--score-output", help="Directory for scored files.")]
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="Process work pool (created when missing).")] = "torchcycle",
+    source: Annotated[Path, typer.Option(help="Project directory as the worker sees it.")] = Path("."),
+    config: _DeployConfig = "configs/digits_cnn.yaml",
+    model: _ScoreModel = "digits-cnn",
+    score_input: _ScoreIn = "data/incoming",
+    score_output: _ScoreOut = "data/scored",
+) -> None:
+    """Register the `retrain` (nightly) and `score` (hourly) deployments with the Prefect server."""
+    _setup_env()
+    from prefect import deploy as prefect_deploy
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise _fail("PREFECT_API_URL is not set: point it at your Prefect server (e.g. http://127.0.0.1:4200/api)")
+    from flows.deployments import default_specs, runner_deployments
+
+    _ensure_process_pool(pool)
+    specs = default_specs(config, model, score_input, score_output)
+    ids = prefect_deploy(
+        *runner_deployments(specs, source=str(source.resolve())),
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+    )
+    for spec in specs:
+        typer.echo(f"deployed {spec.flow_name}/{spec.name}  cron '{spec.cron}' UTC  on pool {pool}")
+    typer.echo(f"{len(ids)} deployment(s); start a worker: prefect worker start --pool {pool} --type process")
+
+
+def _ensure_process_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    # idempotent: the compose worker deploys on every start
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
+@app.command()
+def serve(
+    config: _DeployConfig = "configs/digits_cnn.yaml",
+    model: _ScoreModel = "digits-cnn",
+    score_input: _ScoreIn = "data/incoming",
+    score_output: _ScoreOut = "data/scored",
+) -> None:
+    """Serve both deployments in this process on their schedules (one machine, no worker). Ctrl-C stops."""
+    _setup_env()
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import default_specs, runner_deployments
+
+    prefect_serve(*runner_deployments(default_specs(config, model, score_input, score_output)))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
+from models.training import distributed
 from tasks.config import ConfigError, ExperimentConfig
 from tasks.evaluate import evaluate_task
 from tasks.features import features_task
@@ -69,6 +70,7 @@ def training_flow(
         "prefect.flow_run_name": str(runtime.flow_run.name or ""),
         "torchcycle.config_hash": config.config_hash(),
         "torchcycle.model_kind": config.model.kind,
+        "torchcycle.world_size": str(distributed()[1]),  # >1: trained with torch DDP, logged by rank 0 only
     }
     run_id = start_run_task(
         uri, config.experiment, f"{config.name}-{runtime.flow_run.name or 'local'}", config.flat_params(), run_tags

@@ -32,6 +32,12 @@ class TrainConfig:
     min_delta: float = 0.0  # smallest val-loss drop that counts as an improvement
     schedule: Literal["none", "cosine", "onecycle"] = "none"  # LR schedule, stepped per batch
     device: str = "auto"  # request: auto | cpu | cuda | cuda:N | mps; resolved at the edge
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the model (pays a one-off compile for faster steps)
+    # Train/val tensors are uploaded once when they fit in this fraction of free GPU memory;
+    # otherwise batches stream from host memory through a DataLoader.
+    gpu_data_budget: float = 0.5
+    num_workers: int = 2  # DataLoader workers when streaming
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,32 @@ def resolve_device(request: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says which batch size to try."""
+
+
+def resolve_precision(request: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if request == "bf16" or (request == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def data_fits_on_device(data: TensorData, device: torch.device, budget: float) -> bool:
+    if device.type != "cuda":
+        return True  # CPU/MPS: the tensors are in (unified) memory already
+    nbytes = sum(t.numel() * t.element_size() for t in (data.x_train, data.y_train, data.x_val, data.y_val))
+    free, _total = torch.cuda.mem_get_info(device)
+    return nbytes <= budget * free
 
 
 def seed_everything(seed: int) -> None:
@@ -99,19 +131,66 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module,
+    task: Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     model.eval()
-    total, correct, n = 0.0, 0, 0
+    total = torch.zeros((), device=device)  # accumulated on the device: one host sync per evaluation
+    correct = torch.zeros((), device=device, dtype=torch.long)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        out = model(xb)
-        total += loss_fn(task, out, yb).item() * len(yb)
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = model(xb).float()
+        total += loss_fn(task, out, yb) * len(yb)
         if task == "classification":
-            correct += (out.argmax(1) == yb).sum().item()
-        n += len(yb)
-    metrics = {"val_loss": total / max(n, 1)}
+            correct += (out.argmax(1) == yb).sum()
+    n = max(len(y), 1)
+    metrics = {"val_loss": total.item() / n}
     if task == "classification":
-        metrics["val_accuracy"] = correct / max(n, 1)
+        metrics["val_accuracy"] = correct.item() / n
     return metrics
+
+
+def _train_batches(
+    data: TensorData, cfg: TrainConfig, device: torch.device, resident: bool, gen: torch.Generator, epoch: int
+):
+    """(x, y) batches on `device` for one epoch; under DDP, this rank's share of every global batch.
+
+    Resident: index slices of tensors already on the device (no DataLoader, no host copies).
+    Streaming: a DataLoader with workers and pinned memory, copies overlapped with compute."""
+    rank, world = distributed()
+    per_rank = max(1, cfg.batch_size // world)  # the global batch stays cfg.batch_size
+    if resident:
+        perm = torch.randperm(len(data.x_train), generator=gen)  # same order on every rank (same seed)
+        if world > 1:  # equal shares, so every rank takes the same number of steps
+            perm = perm[: len(perm) - len(perm) % world][rank::world]
+        for idx in perm.to(device).split(per_rank):
+            yield data.x_train[idx], data.y_train[idx]
+        return
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
+
+    dataset = TensorDataset(data.x_train, data.y_train)
+    if world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=int(gen.initial_seed()))
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=gen)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
 
 def fit(
@@ -125,56 +204,87 @@ def fit(
     callback: EpochCallback | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train `model` in place. With early stopping it ends on its best validation epoch's weights."""
+    """Train `model` in place. With early stopping it ends on its best validation epoch's weights.
+
+    Under torch.distributed (torchrun), the model is wrapped in DDP and each rank trains on its share
+    of every batch; all ranks end with the same weights."""
     start = time.perf_counter()
+    rank, world = distributed()
     model.to(device)
-    # The whole (small) data set lives on the device: batches are index slices, no host copies.
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-    x_va, y_va = data.x_val.to(device), data.y_val.to(device)
+    resident = data_fits_on_device(data, device, cfg.gpu_data_budget)
+    if resident:
+        data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_val, data.y_val)))
 
     if not getattr(model, "trainable", True):  # KNN: "training" is memorising the train split
-        model.fit(x_tr, y_tr)
-        metrics = _evaluate(model, task, x_va, y_va, cfg.batch_size)
+        model.fit(data.x_train.to(device), data.y_train.to(device))
+        metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device)
         if callback:
             callback(1, metrics)
         return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start)
 
+    autocast = resolve_precision(cfg.precision, device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)  # NHWC: what tensor cores want for convolutions
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     opt = _make_optimizer(model, cfg)
-    steps_per_epoch = max(1, -(-len(x_tr) // cfg.batch_size))  # ceil division
+    n_rank = len(data.x_train) // world if world > 1 else len(data.x_train)
+    steps_per_epoch = max(1, -(-n_rank // max(1, cfg.batch_size // world)))  # ceil division
     sched = _make_schedule(opt, cfg, steps_per_epoch * cfg.epochs)
     gen = torch.Generator().manual_seed(seed)  # shuffling order depends on the seed only
     best_loss, best_epoch, best_state = float("inf"), 0, None
     history: list[dict[str, float]] = []
     stopped = False
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(x_tr), generator=gen).to(device)
-        running, seen = 0.0, 0
-        for idx in perm.split(cfg.batch_size):
-            loss = loss_fn(task, model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            running += loss.item() * len(idx)
-            seen += len(idx)
-        metrics = {"train_loss": running / max(seen, 1), **_evaluate(model, task, x_va, y_va, cfg.batch_size)}
-        if not np.isfinite(metrics["train_loss"]):
-            raise FloatingPointError(
-                f"training diverged at epoch {epoch} (loss {metrics['train_loss']}): lower train.lr"
-            )
-        history.append(metrics)
-        if callback:
-            callback(epoch, metrics)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
-        if metrics["val_loss"] < best_loss - cfg.min_delta:
-            best_loss, best_epoch = metrics["val_loss"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif cfg.patience and epoch - best_epoch >= cfg.patience:
-            stopped = True
-            break
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress or rank > 0, leave=False)
+    try:
+        for epoch in bar:
+            net.train()
+            running = torch.zeros((), device=device)  # summed on the device: no per-step host sync
+            seen = 0
+            for xb, yb in _train_batches(data, cfg, device, resident, gen, epoch):
+                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    out = net(xb)
+                loss = loss_fn(task, out.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                running += loss.detach() * len(yb)
+                seen += len(yb)
+            val = _evaluate(model, task, data.x_val, data.y_val, max(cfg.batch_size, 1024), device, autocast)
+            metrics = {"train_loss": running.item() / max(seen, 1), **val}
+            if not np.isfinite(metrics["train_loss"]):
+                raise FloatingPointError(
+                    f"training diverged at epoch {epoch} (loss {metrics['train_loss']}): lower train.lr"
+                )
+            history.append(metrics)
+            if callback:
+                callback(epoch, metrics)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+            if metrics["val_loss"] < best_loss - cfg.min_delta:
+                best_loss, best_epoch = metrics["val_loss"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif cfg.patience and epoch - best_epoch >= cfg.patience:
+                stopped = True
+            if world > 1:  # rank 0 decides, so no rank waits in a collective the others left
+                flag = torch.tensor([int(stopped)], device=device)
+                torch.distributed.broadcast(flag, src=0)
+                stopped = bool(flag.item())
+            if stopped:
+                break
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(
+            f"{device} ran out of memory at train.batch_size={cfg.batch_size}: "
+            f"try --set train.batch_size={max(1, cfg.batch_size // 2)}"
+        ) from None
     if cfg.patience and best_state is not None:
         model.load_state_dict(best_state)
+    if device.type == "cuda":
+        model.to(memory_format=torch.contiguous_format)  # saved weights in the default layout
     return FitResult(history, best_epoch, best_loss, stopped, time.perf_counter() - start)

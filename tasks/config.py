@@ -112,6 +112,10 @@ class TrainSection(_Strict):
     min_delta: float = Field(0.0, ge=0)
     schedule: Literal["none", "cosine", "onecycle"] = "none"
     device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    gpu_data_budget: float = Field(0.5, gt=0, le=1)
+    num_workers: int = Field(2, ge=0)
 
     def to_train_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -51,10 +52,12 @@ def _quiet_bad_input_tracebacks() -> None:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from models.training import OutOfMemory
     from tasks.config import ConfigError
     from tasks.types import DataError
 
-    return (ConfigError, DataError)
+    # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing
+    return (ConfigError, DataError, OutOfMemory)
 
 
 def _preflight(cfg) -> None:
@@ -71,6 +74,7 @@ def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Processes for torch DDP via torchrun (GPUs, else CPU).")] = 1,
 ) -> None:
     """Run the training flow for one experiment config."""
     _setup_env()
@@ -79,6 +83,22 @@ def train(
     try:
         cfg = load_config(config, set_ or [])
         _preflight(cfg)
+    except _bad_input_errors() as err:
+        raise _fail(str(err)) from None
+    if nproc > 1:
+        # torchrun starts N processes of torchcycle.ddp: NCCL on GPUs, gloo on CPU; rank 0 runs the flow.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        cmd += ["-m", "torchcycle.ddp", "--config", str(config)]
+        for item in set_ or []:
+            cmd += ["--set", item]
+        cmd += ["--json"] if as_json else []
+        raise typer.Exit(subprocess.call(cmd))
+    run_training(cfg, as_json)
+
+
+def run_training(cfg, as_json: bool = False) -> None:
+    """The training flow plus its printed summary (also rank 0's job under DDP)."""
+    try:
         from flows.training import training_flow
 
         _quiet_bad_input_tracebacks()
@@ -94,6 +114,7 @@ def train(
                     "model_name": summary.model_name,
                     "model_version": summary.model_version,
                     "metrics": summary.metrics,
+                    "device": summary.device,
                 }
             )
         )

@@ -5,6 +5,7 @@ A bundle directory holds:
   weights.safetensors   the torch state dict (no pickle)
   preprocessor.json     input columns/dtypes, image stats, scaling choice
   column_transformer.skops   fitted scikit-learn ColumnTransformer (tabular data; skops secure format)
+  input_schema.json     the training inputs' contract (pandera schema): nullability, categories, ranges
 
 Nothing here unpickles: loading refuses any file it does not expect to read.
 """
@@ -12,7 +13,7 @@ Nothing here unpickles: loading refuses any file it does not expect to read.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from models import build_model
 from models.training import predict as torch_predict
+from tasks.contract import check_frame, infer_contract
+from tasks.contract import from_json as contract_from_json
+from tasks.contract import to_json as contract_to_json
 from tasks.types import DataError, Task
 
 FORMAT_VERSION = 1
@@ -50,6 +54,7 @@ class FeaturePipeline:
     target_mean: float = 0.0  # regression: the model learns (y - mean) / std, fitted on train
     target_std: float = 1.0
     transformer: Any = field(default=None, repr=False)  # sklearn ColumnTransformer (tabular)
+    contract: Any = field(default=None, repr=False)  # pandera schema of the training inputs
 
     @classmethod
     def fit(
@@ -70,6 +75,7 @@ class FeaturePipeline:
         columns = list(map(str, x.columns))
         dtypes = {c: str(x[c].dtype) for c in columns}
         pipe = cls(columns, dtypes, task, classes, image_shape, scale)
+        pipe.contract = infer_contract(x)  # build_features widens it to every split
         if task == "regression":
             # Standardised targets keep one learning rate sensible for y ~ 1 and y ~ 1000 alike.
             y = train[target].to_numpy(dtype=np.float64)
@@ -108,8 +114,11 @@ class FeaturePipeline:
             raise DataError(f"missing input column(s): {', '.join(missing)}")
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """(N, F) float32. Extra columns are ignored; missing ones raise DataError."""
+        """(N, F) float32. Extra columns are ignored; missing ones, and values the training data's
+        contract refuses (nulls, +-inf, unseen categories), raise DataError naming all of them."""
         self.check_columns(frame)
+        if self.contract is not None:
+            check_frame(frame, self.contract)
         x = frame[self.columns]
         if self.image_shape is not None:
             pixels = x.to_numpy(dtype=np.float32)
@@ -135,11 +144,13 @@ class FeaturePipeline:
     def save(self, directory: Path) -> None:
         import skops.io as sio
 
-        meta = {k: v for k, v in asdict(self).items() if k != "transformer"}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("transformer", "contract")}
         meta["classes"] = [_json_ready(c) for c in self.classes] if self.classes else None
         (directory / "preprocessor.json").write_text(json.dumps(meta, indent=2))
         if self.transformer is not None:
             sio.dump(self.transformer, directory / "column_transformer.skops")
+        if self.contract is not None:
+            (directory / "input_schema.json").write_text(contract_to_json(self.contract))
 
     @classmethod
     def load(cls, directory: Path) -> FeaturePipeline:
@@ -152,6 +163,9 @@ class FeaturePipeline:
         skops_file = directory / "column_transformer.skops"
         if skops_file.exists():
             pipe.transformer = sio.load(skops_file, trusted=_SKOPS_TRUSTED)
+        schema_file = directory / "input_schema.json"
+        if schema_file.exists():
+            pipe.contract = contract_from_json(schema_file.read_text())
         return pipe
 
 
@@ -229,7 +243,7 @@ def save_bundle(
     return directory
 
 
-_EXPECTED = {"model.json", "weights.safetensors", "preprocessor.json", "column_transformer.skops"}
+_EXPECTED = {"model.json", "weights.safetensors", "preprocessor.json", "column_transformer.skops", "input_schema.json"}
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Predictor:

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.bundle import FeaturePipeline
 from tasks.config import FeaturesConfig
+from tasks.contract import infer_contract
 from tasks.types import Splits
 
 
@@ -52,6 +53,9 @@ def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
             pd.concat([splits.train[splits.target], splits.val[splits.target], splits.test[splits.target]])
         )
     pipe = FeaturePipeline.fit(splits.train, splits.target, splits.task, classes, splits.image_shape, cfg.scale)
+    # The contract describes the whole training data set (categories or nulls may first appear in a
+    # held-out split); only the fitted statistics above come from the train split alone.
+    pipe.contract = infer_contract(pd.concat([splits.train, splits.val, splits.test]).drop(columns=[splits.target]))
 
     def xy(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return pipe.transform(frame), pipe.encode_target(frame[splits.target])

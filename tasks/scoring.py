@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -230,13 +231,18 @@ def score_batch(
     expected: dict[str, str],
     passthrough: list[str],
     model: ResolvedModel,
+    offset: int = 0,
 ) -> pa.RecordBatch:
-    """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order."""
+    """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order.
+
+    `offset`: the batch's first data row in its file, so validation errors name file rows."""
     features = pa.Table.from_batches([batch.select(list(expected))])
     for i, (col, kind) in enumerate(expected.items()):
         if kind == "number":  # ints and floats alike: the feature pipeline works in floats
             features = features.set_column(i, col, features.column(col).cast(pa.float64()))
-    result = predict(features.to_pandas())
+    frame = features.to_pandas()
+    frame.index = pd.RangeIndex(offset, offset + len(frame))
+    result = predict(frame)
     if len(result) != batch.num_rows:
         raise RuntimeError(f"model returned {len(result)} rows for {batch.num_rows}")
     out = pa.Table.from_pandas(result, preserve_index=False)
@@ -371,7 +377,10 @@ class Scorer:
             with tqdm(total=total, unit="row", desc=path.name, disable=not self.progress, leave=False) as bar:
                 for batch in batches:
                     if batch.num_rows:
-                        write(score_batch(batch, self.predict, self.expected, passthrough, self.model))
+                        try:
+                            write(score_batch(batch, self.predict, self.expected, passthrough, self.model, rows))
+                        except DataError as err:  # the model's contract refused values: say which file
+                            raise DataError(f"{path}: {str(err).removeprefix('input: ')}") from None
                     rows += batch.num_rows
                     bar.update(batch.num_rows)
         if rows == 0:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.contract import value_problems
 from tasks.types import DataError, DataProfile, RawData
 
 
 def validate(raw: RawData) -> DataProfile:
+    """Every problem found, reported at once in one DataError (lazy validation)."""
     frame = raw.frame
     if raw.target not in frame.columns:
         raise DataError(f"target column '{raw.target}' is missing")
@@ -19,27 +20,22 @@ def validate(raw: RawData) -> DataProfile:
     features = raw.feature_columns
     if not features:
         raise DataError(f"data from {raw.source} has no feature columns besides the target '{raw.target}'")
+    problems = value_problems(frame, features)
     y = frame[raw.target]
-    if y.isna().all():
-        raise DataError(f"target column '{raw.target}' has no values")
-    for col in features:
-        s = frame[col]
-        if s.isna().all():
-            raise DataError(f"feature column '{col}' is entirely empty")
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            values = s.to_numpy(dtype="float64", na_value=np.nan)
-            if np.isinf(values).any():
-                raise DataError(f"feature column '{col}' holds infinite values (row {int(np.isinf(values).argmax())})")
     class_counts = None
-    if raw.task == "classification":
+    if y.isna().all():
+        problems.append(f"target column '{raw.target}' has no values")
+    elif raw.task == "classification":
         counts = y.dropna().astype(str).value_counts()
         if len(counts) < 2:
-            raise DataError(
+            problems.append(
                 f"target column '{raw.target}' needs at least 2 classes for classification, found {len(counts)}"
             )
         class_counts = {str(k): int(v) for k, v in counts.items()}
     elif not pd.api.types.is_numeric_dtype(y):
-        raise DataError(f"target column '{raw.target}' must be numeric for regression, found dtype {y.dtype}")
+        problems.append(f"target column '{raw.target}' must be numeric for regression, found dtype {y.dtype}")
+    if problems:
+        raise DataError(f"data from {raw.source}: {len(problems)} problem(s): " + "; ".join(problems))
     return DataProfile(n_rows=len(frame), n_features=len(features), task=raw.task, class_counts=class_counts)
 
 

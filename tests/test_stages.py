@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,15 @@ def test_validate_ok_and_errors() -> None:
         validate(_raw(_table().iloc[:0]))
     with pytest.raises(DataError, match="no feature columns"):
         validate(_raw(_table()[["y"]]))
-    with pytest.raises(DataError, match="feature column 'num' is entirely empty"):
+    with pytest.raises(DataError, match=r"column 'num' fails to hold values \(it is entirely empty\)"):
         validate(_raw(_table().assign(num=np.nan)))
-    with pytest.raises(DataError, match="feature column 'num' holds infinite values"):
+    with pytest.raises(DataError, match=r"column 'num' fails finite \(no \+-inf\) in 60 row\(s\), e\.g\. row 0"):
         validate(_raw(_table().assign(num=np.inf)))
     with pytest.raises(DataError, match="at least 2 classes"):
         validate(_raw(_table().assign(y="a")))
+    # lazy: every problem in one message
+    with pytest.raises(DataError, match=r"3 problem\(s\): .*'num' fails finite.*'cat' fails to hold.*2 classes"):
+        validate(_raw(_table().assign(num=[np.inf] + [1.0] * 59, cat=np.nan, y="a")))
     with pytest.raises(DataError, match="must be numeric for regression"):
         validate(_raw(_table(), task="regression"))
 
@@ -163,7 +167,8 @@ def test_features_fit_on_train_only_and_one_hot() -> None:
     assert abs(p.x_train[:, 0].mean()) < 1e-5
     assert p.pipeline.classes == ["a", "b", "c"] and p.y_train.dtype == np.int64
     unseen = s.test.drop(columns="y").head(2).assign(cat="purple")
-    assert p.pipeline.transform(unseen)[:, 1:].sum() == 0  # unseen category -> all zeros
+    with pytest.raises(DataError, match=r"column 'cat' fails its training categories .* found 'purple'"):
+        p.pipeline.transform(unseen)  # the saved contract refuses categories never seen in training
     with pytest.raises(DataError, match="missing input column"):
         p.pipeline.transform(s.test.drop(columns=["num"]))
 
@@ -229,12 +234,19 @@ def test_bundle_round_trip_without_pickle(tmp_path: Path) -> None:
     bundle = write_bundle(trained, p, "target", tmp_path / "bundle")
     assert sorted(f.name for f in bundle.iterdir()) == [
         "column_transformer.skops",
+        "input_schema.json",
         "model.json",
         "preprocessor.json",
         "weights.safetensors",
     ]
     predictor = load_bundle(bundle)
     rows = p.test_frame.drop(columns="target")
+    # the contract came back from JSON: it knows the columns and refuses values training never had
+    assert set(predictor.pipeline.contract.columns) == set(rows.columns)
+    bad = rows.head(3).copy()
+    bad.iloc[1, 0] = np.inf
+    with pytest.raises(DataError, match=rf"column '{re.escape(rows.columns[0])}' fails finite .* found inf"):
+        predictor.predict(bad)
     out = predictor.predict(rows)
     assert list(out.columns) == ["prediction", "proba_0", "proba_1", "proba_2"]
     expected = trained.build()(torch.from_numpy(p.x_test)).argmax(1).numpy()
@@ -242,9 +254,36 @@ def test_bundle_round_trip_without_pickle(tmp_path: Path) -> None:
     assert np.allclose(out.filter(like="proba_").sum(axis=1), 1.0)
 
 
-def test_bundle_refuses_planted_files(tmp_path: Path) -> None:
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: proof of execution if the file appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("planted", ["evil.pkl", "weights.pt", "model.pickle"])
+def test_bundle_refuses_planted_pickles_without_running_them(tmp_path: Path, planted: str) -> None:
+    import pickle
+
     _, p, trained = _train_small(tmp_path)
     bundle = write_bundle(trained, p, "target", tmp_path / "bundle")
-    (bundle / "evil.pkl").write_bytes(b"\x80\x04")
-    with pytest.raises(DataError, match="unexpected file"):
+    marker = tmp_path / "pwned"
+    (bundle / planted).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(DataError, match=f"unexpected file.*{planted}"):
         load_bundle(bundle)
+    assert not marker.exists()
+
+
+def test_bundle_refuses_a_pickle_in_place_of_the_weights(tmp_path: Path) -> None:
+    import pickle
+
+    _, p, trained = _train_small(tmp_path)
+    bundle = write_bundle(trained, p, "target", tmp_path / "bundle")
+    marker = tmp_path / "pwned"
+    (bundle / "weights.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(Exception, match=r"(?i)safetensor|header|deserializ"):
+        load_bundle(bundle)
+    assert not marker.exists()

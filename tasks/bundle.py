@@ -195,8 +195,17 @@ class Predictor:
         return ["prediction"] + [f"proba_{c}" for c in self.pipeline.classes or []]
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if len(frame) == 0:  # scikit-learn refuses 0 rows; 0 rows in (with valid columns) is 0 rows out
+            self.pipeline.check_columns(frame)
+            return self._result(torch.empty(0, self._n_outputs()))
         x = torch.from_numpy(self.pipeline.transform(frame))
-        out = torch_predict(self.model, x, self.device)
+        return self._result(torch_predict(self.model, x, self.device))
+
+    def _n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.pipeline.classes or [])
+
+    def _result(self, out: torch.Tensor) -> pd.DataFrame:
+        """Raw outputs (N, C) -> `prediction` (+ `proba_<class>`)."""
         if self.task == "regression":
             return pd.DataFrame({"prediction": self.pipeline.decode_target(out[:, 0].numpy())})
         proba = torch.softmax(out, dim=1).numpy().astype(np.float64)

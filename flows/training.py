@@ -10,6 +10,7 @@ from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from models.training import distributed
+from tasks.checkpoint import checkpoint_path, remove_checkpoint
 from tasks.config import ConfigError, ExperimentConfig
 from tasks.evaluate import evaluate_task
 from tasks.features import features_task
@@ -82,8 +83,14 @@ def training_flow(
         prepared = features_task(splits, config.features)
         if holdout_path:
             write_frame_task(prepared.test_frame, Path(holdout_path))
+        ckpt = checkpoint_path(config.name, config.config_hash(), raw.digest)
         trained = train_task(
-            prepared, config.model, config.train, config.seed, callback=MlflowEpochLogger(MlflowClient(uri), run_id)
+            prepared,
+            config.model,
+            config.train,
+            config.seed,
+            callback=MlflowEpochLogger(MlflowClient(uri), run_id),
+            checkpoint=ckpt,
         )
         report = evaluate_task(trained, prepared)
         log_evaluation_task(uri, run_id, report.metrics, report.figures)
@@ -115,6 +122,7 @@ def training_flow(
         finish_run_task(uri, run_id, "FAILED")
         raise
     finish_run_task(uri, run_id)
+    remove_checkpoint(ckpt)  # registered and gated: nothing left to resume
     summary = TrainingSummary(
         run_id=run_id,
         model_name=reg.name,

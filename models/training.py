@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 Task = Literal["classification", "regression"]
 # Called after every epoch with (epoch starting at 1, {"train_loss": .., "val_loss": .., ...}).
 EpochCallback = Callable[[int, dict[str, float]], None]
+# Called after every epoch with the full training state (see `fit`), to persist it somewhere.
+CheckpointFn = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -203,11 +205,17 @@ def fit(
     seed: int = 0,
     callback: EpochCallback | None = None,
     progress: bool = True,
+    checkpoint: CheckpointFn | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
     """Train `model` in place. With early stopping it ends on its best validation epoch's weights.
 
     Under torch.distributed (torchrun), the model is wrapped in DDP and each rank trains on its share
-    of every batch; all ranks end with the same weights."""
+    of every batch; all ranks end with the same weights.
+
+    `checkpoint` receives the whole state after every epoch (model, optimizer, scheduler, RNG and
+    shuffling state, history, best epoch); passing such a state back as `resume` continues from the
+    next epoch and, on the same device, ends exactly where an uninterrupted run would."""
     start = time.perf_counter()
     rank, world = distributed()
     model.to(device)
@@ -239,8 +247,21 @@ def fit(
     gen = torch.Generator().manual_seed(seed)  # shuffling order depends on the seed only
     best_loss, best_epoch, best_state = float("inf"), 0, None
     history: list[dict[str, float]] = []
-    stopped = False
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress or rank > 0, leave=False)
+    stopped, first = False, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        gen.set_state(resume["shuffle_rng"])
+        torch.set_rng_state(resume["torch_rng"])  # dropout masks continue the same sequence
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history, best_epoch, best_loss = list(resume["history"]), resume["best_epoch"], resume["best_loss"]
+        best_state, stopped = resume.get("best_model"), resume["stopped"]
+        first = resume["epoch"] + 1
+    epochs = range(first, cfg.epochs + 1) if not stopped else range(0)
+    bar = tqdm(epochs, desc="train", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         for epoch in bar:
             net.train()
@@ -276,6 +297,23 @@ def fit(
                 flag = torch.tensor([int(stopped)], device=device)
                 torch.distributed.broadcast(flag, src=0)
                 stopped = bool(flag.item())
+            if checkpoint is not None and rank == 0:
+                checkpoint(
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
+                        "shuffle_rng": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "history": history,
+                        "best_epoch": best_epoch,
+                        "best_loss": best_loss,
+                        "best_model": best_state,
+                        "stopped": stopped,
+                    }
+                )
             if stopped:
                 break
     except torch.OutOfMemoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models import build_model, make_config
-from models.training import EpochCallback, FitResult, TensorData, fit, resolve_device, seed_everything
+from models.training import (
+    EpochCallback,
+    FitResult,
+    TensorData,
+    distributed,
+    fit,
+    resolve_device,
+    seed_everything,
+)
+from tasks.checkpoint import load_checkpoint, save_checkpoint
 from tasks.config import ModelSpec, TrainSection
 from tasks.features import Prepared
 
@@ -38,7 +48,10 @@ def train(
     device: torch.device,
     callback: EpochCallback | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> TrainedModel:
+    """Build and fit the model. With `checkpoint`, the state is saved there after every epoch and a
+    run finding a state there resumes from it."""
     seed_everything(seed)  # before building: weight init is part of the run
     model_cfg = make_config(
         spec.kind,
@@ -64,6 +77,8 @@ def train(
         seed=seed,
         callback=callback,
         progress=progress,
+        checkpoint=(lambda st: save_checkpoint(checkpoint, st)) if checkpoint is not None else None,
+        resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainedModel(spec.kind, model_cfg, state, result, str(device))
@@ -71,13 +86,23 @@ def train(
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
-    prepared: Prepared, spec: ModelSpec, cfg: TrainSection, seed: int, callback: EpochCallback | None = None
+    prepared: Prepared,
+    spec: ModelSpec,
+    cfg: TrainSection,
+    seed: int,
+    callback: EpochCallback | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainedModel:
     device = resolve_device(cfg.device)
     logger = get_run_logger()
     logger.info(
         "training %s on %s (%d rows, %d features)", spec.kind, device, len(prepared.x_train), prepared.n_features
     )
-    trained = train(prepared, spec, cfg, seed=seed, device=device, callback=callback)
+    if distributed()[1] > 1:
+        checkpoint = None  # resuming one rank of a DDP job would desynchronise it: DDP runs start over
+    saved = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if saved is not None:
+        logger.info("resuming from checkpoint %s after epoch %d", checkpoint, saved["epoch"])
+    trained = train(prepared, spec, cfg, seed=seed, device=device, callback=callback, checkpoint=checkpoint)
     logger.info("best epoch %d of %d, %.1fs", trained.fit.best_epoch, len(trained.fit.history), trained.fit.seconds)
     return trained

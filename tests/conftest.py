@@ -56,3 +56,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a `torchcycle` subprocess: talks to this session's Prefect test server (no
+    temporary server to start per process) and gets `extra` (MLflow URI, checkpoint dir, ...)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    env.update(extra)
+    return env

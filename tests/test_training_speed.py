@@ -5,13 +5,13 @@ The CUDA path itself is proven on a GPU with bench/bench_train.py (see README)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env
 from mlflow.tracking import MlflowClient
 
 import models.training as training
@@ -92,8 +92,7 @@ def test_ddp_two_gloo_processes_match_a_single_process(tmp_path: Path) -> None:
     single = training_flow(load_config(config, overrides), tracking_uri=single_uri)
 
     ddp_uri = f"sqlite:///{tmp_path / 'ddp.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(MLFLOW_TRACKING_URI=ddp_uri, PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1")
+    env = cli_env(MLFLOW_TRACKING_URI=ddp_uri, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torchcycle", "train", "--config", str(config), "--set", overrides[0]]
     cmd += ["--nproc", "2", "--json"]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)

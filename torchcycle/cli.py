@@ -21,6 +21,8 @@ def _setup_env() -> None:
     # Offline machines: Prefect's telemetry would only log errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model load is noise
+    # Local mode starts a temporary Prefect server; on a busy 2-core machine 20 s is not always enough.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _fail(message: str) -> typer.Exit:

@@ -1,0 +1,149 @@
+"""Crash safety: per-epoch checkpoints and resume (also after SIGKILL), and scoring killed mid-file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import cli_env
+
+from flows.training import training_flow
+from models.mlp import MLP, MLPConfig
+from models.training import TensorData, TrainConfig, fit
+from tasks.checkpoint import load_checkpoint, save_checkpoint
+from tasks.config import load_config
+from tasks.types import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data() -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 10, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return TensorData(x[:300], y[:300], x[300:], y[300:])
+
+
+def _run(epochs: int = 6, **kw):
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_features=10, out_features=2, hidden=(16,), dropout=0.2))
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.01, schedule="onecycle", patience=0)
+    result = fit(model, _data(), cfg, task="classification", device=torch.device("cpu"), progress=False, **kw)
+    return model, result
+
+
+def test_resume_from_any_epoch_ends_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    full, full_result = _run()
+    _run(checkpoint=lambda st: save_checkpoint(tmp_path / f"epoch{st['epoch']}.pt", st))
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [f"epoch{i}.pt" for i in range(1, 7)]
+    assert not list(tmp_path.glob(".*partial"))
+    resumed, result = _run(resume=load_checkpoint(tmp_path / "epoch3.pt"))  # as if killed after epoch 3
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in full_result.history]
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(pickle.dumps({"epoch": Payload()}))
+    with pytest.raises(DataError, match="cannot resume from checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match="delete it to start over"):
+        load_checkpoint(tmp_path / "torn.pt")
+
+
+def _env(tmp_path: Path, name: str) -> dict[str, str]:
+    return cli_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / name / 'mlflow.db'}",
+        TORCHCYCLE_CHECKPOINT_DIR=str(tmp_path / name / "ckpt"),
+    )
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_training_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path: Path, monkeypatch) -> None:
+    config = ROOT / "configs" / "digits_mlp.yaml"
+    overrides = ["train.epochs=25"]
+    # the reference: one uninterrupted seeded run, in process
+    monkeypatch.setenv("TORCHCYCLE_CHECKPOINT_DIR", str(tmp_path / "ref-ckpt"))
+    reference = training_flow(load_config(config, overrides), tracking_uri=f"sqlite:///{tmp_path / 'ref.db'}")
+
+    env = _env(tmp_path, "killed")
+    ckpt_dir = Path(env["TORCHCYCLE_CHECKPOINT_DIR"])
+    cmd = [sys.executable, "-m", "torchcycle", "train", "--config", str(config), "--set", overrides[0], "--json"]
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    epoch = 0
+    while epoch < 5:  # let a few epochs land on disk, then kill without warning
+        assert proc.poll() is None, f"training ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        files = list(ckpt_dir.glob("*.pt"))
+        if files:
+            epoch = load_checkpoint(files[0])["epoch"]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = load_checkpoint(next(ckpt_dir.glob("*.pt")))["epoch"]
+    assert 5 <= killed_at < 25
+
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"after epoch {killed_at}" in done.stdout + done.stderr  # it resumed, not restarted
+    resumed = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, value in reference.metrics.items():
+        assert resumed["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert not list(ckpt_dir.glob("*.pt"))  # registered: the checkpoint is gone
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_scoring_killed_mid_file_leaves_no_output_and_reruns_cleanly(tmp_path: Path) -> None:
+    # a model to score with: trained in process into the store the subprocess will use
+    env = _env(tmp_path, "score")
+    train = tmp_path / "train.csv"
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(2_000, 8)), columns=[f"f{i}" for i in range(8)])
+    frame.assign(y=(frame["f0"] > 0).astype(int)).to_csv(train, index=False)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"name: kill-score\ndata: {{source: 'file:{train}', target: y}}\nmodel: {{kind: mlp, hidden: [8]}}\n"
+        "train: {epochs: 2}\n"
+    )
+    training_flow(load_config(cfg), tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+    big = tmp_path / "big.parquet"
+    n = 1_000_000
+    pd.DataFrame(rng.normal(size=(n, 8)), columns=[f"f{i}" for i in range(8)]).to_parquet(big, row_group_size=20_000)
+    out = tmp_path / "scored.parquet"
+    partial = tmp_path / ".scored.parquet.partial"
+    cmd = [sys.executable, "-m", "torchcycle", "predict", "-m", "kill-score", "-i", str(big), "-o", str(out)]
+    cmd += ["--batch-rows", "10000"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (partial.exists() and partial.stat().st_size > 200_000):  # mid-file: batches are being written
+        assert proc.poll() is None, "scoring ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+
+    done = subprocess.run([*cmd, "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == n
+    assert len(pd.read_parquet(out, columns=["prediction"])) == n and not partial.exists()

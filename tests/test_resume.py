@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import cli_env
+from mlflow.tracking import MlflowClient
 
 from flows.training import training_flow
 from models.mlp import MLP, MLPConfig
@@ -147,3 +148,29 @@ def test_scoring_killed_mid_file_leaves_no_output_and_reruns_cleanly(tmp_path: P
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == n
     assert len(pd.read_parquet(out, columns=["prediction"])) == n and not partial.exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_that_failed_at_register_does_not_train_again(tmp_path: Path, monkeypatch) -> None:
+    import flows.training as training_module
+
+    monkeypatch.setenv("TORCHCYCLE_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(ROOT / "configs" / "wine_mlp.yaml", ["train.epochs=12", "train.patience=0"])
+    real_register = training_module.register_task
+
+    def registry_down(*args, **kwargs):
+        raise ConnectionError("registry unreachable")
+
+    monkeypatch.setattr(training_module, "register_task", registry_down)
+    with pytest.raises(ConnectionError):
+        training_flow(cfg, tracking_uri=uri)
+    saved = load_checkpoint(next((tmp_path / "ckpt").glob("*.pt")))
+    assert saved["epoch"] == 12  # training finished and is on disk
+
+    monkeypatch.setattr(training_module, "register_task", real_register)
+    summary = training_flow(cfg, tracking_uri=uri)
+    assert summary.model_version == "1" and summary.epochs == 12 and summary.metrics["test_accuracy"] > 0.8
+    # no epoch ran again: the epoch callback (per-epoch MLflow metrics) never fired in the second run
+    assert MlflowClient(uri).get_metric_history(summary.run_id, "train_loss") == []
+    assert not list((tmp_path / "ckpt").glob("*.pt"))

@@ -10,6 +10,14 @@ from tasks.types import DataError
 NOT_TRANSIENT: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, PermissionError, KeyError, TypeError)
 
 IO_RETRY_DELAYS = [2, 5, 15]  # seconds
+RETRY_DELAYS_ENV = "TORCHCYCLE_IO_RETRY_DELAYS"  # e.g. "1,1,1": shorter waits in tests, longer on flaky links
+
+
+def retry_delays() -> list[float]:
+    import os
+
+    raw = os.environ.get(RETRY_DELAYS_ENV)
+    return [float(v) for v in raw.split(",")] if raw else list(IO_RETRY_DELAYS)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -27,9 +35,10 @@ def io_task_options(**extra: Any) -> dict[str, Any]:
     """Options shared by every task that touches files, the network or the registry."""
     from prefect.cache_policies import NO_CACHE
 
+    delays = retry_delays()
     return {
-        "retries": 3,
-        "retry_delay_seconds": IO_RETRY_DELAYS,
+        "retries": len(delays),
+        "retry_delay_seconds": delays,
         "retry_condition_fn": is_transient,
         "cache_policy": NO_CACHE,
         **extra,

@@ -174,3 +174,22 @@ def test_a_run_that_failed_at_register_does_not_train_again(tmp_path: Path, monk
     # no epoch ran again: the epoch callback (per-epoch MLflow metrics) never fired in the second run
     assert MlflowClient(uri).get_metric_history(summary.run_id, "train_loss") == []
     assert not list((tmp_path / "ckpt").glob("*.pt"))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tracking_server_down_retries_then_fails_clearly(tmp_path: Path) -> None:
+    """An unreachable MLflow server: the tracking task retries (Prefect), then one error line, exit code 3."""
+    env = cli_env(
+        MLFLOW_TRACKING_URI="http://127.0.0.1:9",  # nothing listens on the discard port
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="2",
+        TORCHCYCLE_IO_RETRY_DELAYS="0.2,0.2",
+        TORCHCYCLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+    )
+    cmd = [sys.executable, "-m", "torchcycle", "train", "--config", str(ROOT / "configs" / "wine_mlp.yaml")]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 3, output[-3000:]
+    assert "Retry 2/2" in output  # both retries happened before giving up
+    last = [line for line in output.splitlines() if line.startswith("error:")]
+    assert last and "MLflow tracking server at http://127.0.0.1:9 is unreachable" in last[-1]

@@ -15,6 +15,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, track, register and score torch models.")
 DEFAULT_CONFIG = Path("configs/digits_cnn.yaml")
 EXIT_BAD_INPUT = 2
+EXIT_SERVICE_DOWN = 3  # a server we depend on is down: worth retrying later, unlike bad input
 
 
 def _setup_env() -> None:
@@ -25,9 +26,9 @@ def _setup_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg="red", err=True)
-    return typer.Exit(EXIT_BAD_INPUT)
+    return typer.Exit(code)
 
 
 class _NoTracebackForBadInput:
@@ -60,6 +61,37 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
     # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing
     return (ConfigError, DataError, OutOfMemory)
+
+
+def _tracking_failure(err: BaseException) -> str | None:
+    """A message when `err` is the tracking server being unreachable or failing, else None."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    if isinstance(err, MlflowException | requests.exceptions.RequestException | ConnectionError):
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return (
+            f"the MLflow tracking server at {uri} is unreachable or failing, after retries ({first}). "
+            "Nothing trained is lost: run the same command again to resume from the last checkpoint."
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _service_errors():
+    """The tracking server down (after the tasks' retries): one clear line and exit code 3."""
+    try:
+        yield
+    except Exception as err:
+        message = _tracking_failure(err)
+        if message is None:
+            raise
+        raise _fail(message, EXIT_SERVICE_DOWN) from None
 
 
 def _preflight(cfg) -> None:
@@ -104,7 +136,8 @@ def run_training(cfg, as_json: bool = False) -> None:
         from flows.training import training_flow
 
         _quiet_bad_input_tracebacks()
-        summary = training_flow(cfg)
+        with _service_errors():
+            summary = training_flow(cfg)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     _print_training(summary)
@@ -138,7 +171,8 @@ def run(
         from flows.lifecycle import lifecycle_flow
 
         _quiet_bad_input_tracebacks()
-        summary = lifecycle_flow(cfg, workdir=str(workdir))
+        with _service_errors():
+            summary = lifecycle_flow(cfg, workdir=str(workdir))
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     _print_training(summary.training, ui_hint=False)
@@ -165,7 +199,8 @@ def predict(
         from flows.scoring import scoring_flow
 
         _quiet_bad_input_tracebacks()
-        result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
+        with _service_errors():
+            result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     _print_scoring(result)

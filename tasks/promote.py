@@ -13,7 +13,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from tasks.retry import io_task_options
-from tasks.types import Task
+from tasks.types import DataError, Task
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -96,12 +96,47 @@ def gate_task(
     flow_run_id: str,
 ) -> Decision:
     """Score the current champion on this run's test rows, decide, then move aliases and tag the version."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    # Read champion -> decide -> move alias must not interleave with another gate of the same model,
+    # or two challengers both beat the old champion and the last writer wins, not the better one.
+    with gate_lock(name):
+        decision = _decide_and_record(
+            client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target, flow_run_id
+        )
+    get_run_logger().info("gate %s v%s: %s", name, version, decision.reason)
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=decision_markdown(name, version, decision), key="promotion-gate", description=f"{name} v{version}"
+    )
+    return decision
+
+
+def gate_lock(name: str):
+    """A Prefect global concurrency limit of 1 per model: serialises gates across processes and hosts
+    that share the Prefect server (created on first use)."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = f"torchcycle-gate-{name}"
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    return concurrency(limit, occupy=1, timeout_seconds=600, strict=True)
+
+
+def _decide_and_record(
+    client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target, flow_run_id
+) -> Decision:
+    from mlflow.exceptions import MlflowException
 
     import mlflow
 
-    client = MlflowClient(tracking_uri)
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -114,8 +149,8 @@ def gate_task(
         model = mlflow.pyfunc.load_model(f"models:/{name}/{champ_version}")
         try:
             preds = model.predict(test_frame.drop(columns=[target]))
-        except MlflowException as err:  # e.g. the champion was trained on other columns
-            incomparable = f"champion v{champ_version} cannot score this run's test split: {err.message[:300]}"
+        except (MlflowException, DataError) as err:  # other columns, or values its contract refuses
+            incomparable = f"champion v{champ_version} cannot score this run's test split: {str(err)[:300]}"
         else:
             champion_value = metric_on(preds, test_frame[target], metric)
     if incomparable:  # no fair comparison: never promote blindly
@@ -123,12 +158,6 @@ def gate_task(
     else:
         decision = should_promote(metric, challenger_value, champion_value, margin, champ_version)
     record_decision(client, name, version, decision, flow_run_id)
-    get_run_logger().info("gate %s v%s: %s", name, version, decision.reason)
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(
-        markdown=decision_markdown(name, version, decision), key="promotion-gate", description=f"{name} v{version}"
-    )
     return decision
 
 

@@ -103,3 +103,47 @@ def test_worse_model_is_never_promoted_and_lifecycle_commands(tracking_uri: str,
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and needle in result.output, (args, result.output)
     assert str(client.get_model_version_by_alias("gate-test", "champion").version) == "1"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_concurrent_gates_are_serialised_one_champion_both_recorded(tracking_uri: str, tmp_path) -> None:
+    """Two gates of one model at once: the second sees the first's result, not the stale champion."""
+    import pandas as pd
+    from prefect import flow
+
+    from tasks.promote import gate_task
+
+    cfg = config_from_dict(
+        {
+            "name": "race",
+            "experiment": "tests",
+            "data": {"source": "sklearn:wine"},
+            "model": {"kind": "mlp", "hidden": [8]},
+            "train": {"epochs": 5, "patience": 0, "lr": 0.01},
+        }
+    )
+    holdout = tmp_path / "holdout.parquet"
+    training_flow(cfg, tracking_uri=tracking_uri, holdout_path=str(holdout))  # v1, champion
+    training_flow(cfg, tracking_uri=tracking_uri)  # v2
+    training_flow(cfg, tracking_uri=tracking_uri)  # v3
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias("race", "champion", "1")
+    test_frame = pd.read_parquet(holdout)
+
+    @flow
+    def two_gates() -> None:
+        common = {"tracking_uri": tracking_uri, "name": "race", "metric": "test_accuracy", "margin": 0.0}
+        common |= {"test_frame": test_frame, "target": "target", "flow_run_id": "race-test"}
+        # challenger values above any real accuracy: each gate promotes over whatever champion it sees
+        futures = [gate_task.submit(version=v, challenger_value=2.0, **common) for v in ("2", "3")]
+        for f in futures:
+            f.result()
+
+    two_gates()
+    tags = {v: client.get_model_version("race", v).tags for v in ("2", "3")}
+    assert all(t["gate_flow_run_id"] == "race-test" and t["validation_status"] == "passed" for t in tags.values())
+    seen = {v: t["gate_champion_version"] for v, t in tags.items()}
+    first = next(v for v, c in seen.items() if c == "1")  # only one gate saw the old champion
+    second = "3" if first == "2" else "2"
+    assert seen[second] == first  # the other waited and compared against the first one's result
+    assert str(client.get_model_version_by_alias("race", "champion").version) == second

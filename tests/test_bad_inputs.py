@@ -113,11 +113,16 @@ def test_train_refuses_bad_data(store: dict, tmp_path: Path, monkeypatch, case, 
     config = tmp_path / "c.yaml"
     config.write_text(_config(path))
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
+    _assert_refused(result, case, needle)
+    assert _registry_state(store["uri"]) == before  # no new version, champion unchanged
+
+
+def _assert_refused(result, case: str, needle: str) -> None:
+    """Exit code 2 and one clear message naming the problem, no traceback."""
     output = _cli_output(result)
     assert result.exit_code == 2, f"{case}: {output}"
     assert needle in output, f"{case}: {output}"
     assert "Traceback" not in output
-    assert _registry_state(store["uri"]) == before  # no new version, champion unchanged
 
 
 def _features(n: int = 40, seed: int = 5) -> pd.DataFrame:
@@ -146,10 +151,7 @@ def test_predict_refuses_bad_data(store: dict, tmp_path: Path, monkeypatch, case
     path = _write(tmp_path / name, build(tmp_path))
     out = tmp_path / "out" / "scored.parquet"
     result = CliRunner().invoke(app, ["predict", "-m", NAME, "-i", str(path), "-o", str(out)])
-    output = _cli_output(result)
-    assert result.exit_code == 2, f"{case}: {output}"
-    assert needle in output, f"{case}: {output}"
-    assert "Traceback" not in output
+    _assert_refused(result, case, needle)
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))  # not even a partial
     assert _registry_state(store["uri"]) == before
 

@@ -1,6 +1,7 @@
 """The fast paths of the training loop on CPU: bf16 autocast, torch.compile, the streaming fallback,
 the out-of-memory message, and torch DDP with 2 gloo processes through `torchcycle train --nproc 2`.
-The CUDA path itself is proven on a GPU with bench/bench_train.py (see README)."""
+The CUDA path (bf16 on the GPU, channels_last, NCCL) needs a GPU: bench/bench_train.py --device cuda is the check,
+not yet run (no GPU lent so far; see README)."""
 
 from __future__ import annotations
 

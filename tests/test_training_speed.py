@@ -1,7 +1,6 @@
 """The fast paths of the training loop on CPU: bf16 autocast, torch.compile, the streaming fallback,
 the out-of-memory message, and torch DDP with 2 gloo processes through `torchcycle train --nproc 2`.
-The CUDA path (bf16 on the GPU, channels_last, NCCL) needs a GPU: bench/bench_train.py --device cuda is the check,
-not yet run (no GPU lent so far; see README)."""
+The same checks on a GPU are in tests/test_cuda.py (skipped without CUDA); bench/bench_train.py measures speed."""
 
 from __future__ import annotations
 
@@ -36,15 +35,15 @@ def _digits() -> tuple[TensorData, torch.Tensor, torch.Tensor]:
     return TensorData(x[tr], y[tr], x[va], y[va]), x[te], y[te]
 
 
-def _fit_digits(**train_kw) -> tuple[float, training.FitResult]:
+def _fit_digits(device: str = "cpu", **train_kw) -> tuple[float, training.FitResult]:
+    """(test accuracy, fit result) of a 64-128-10 MLP on scikit-learn digits."""
     data, x_te, y_te = _digits()
     torch.manual_seed(0)
     model = MLP(MLPConfig(in_features=64, out_features=10, hidden=(128,)))
     cfg = TrainConfig(**{"epochs": 8, "batch_size": 64, "lr": 3e-3, "patience": 0, **train_kw})
-    result = fit(model, data, cfg, task="classification", device=torch.device("cpu"), progress=False)
-    with torch.no_grad():
-        acc = (model.eval()(x_te).argmax(1) == y_te).float().mean().item()
-    return acc, result
+    result = fit(model, data, cfg, task="classification", device=torch.device(device), progress=False)
+    logits = training.predict(model, x_te, torch.device(device))
+    return (logits.argmax(1) == y_te).float().mean().item(), result
 
 
 def test_precision_defaults_bf16_on_cuda_only() -> None:

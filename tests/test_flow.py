@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import artifact_markdown
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from flows.training import training_flow
 from tasks.config import config_from_dict
 from tasks.types import DataError
@@ -98,11 +98,12 @@ def test_flow_trains_a_cnn_on_mnist_idx_files(tracking_uri: str, mnist_root: Pat
         "torchvision:MNIST",
         "cnn",
         data={"root": str(mnist_root)},
-        model={"channels": [8, 16], "hidden": 32},
-        train={"epochs": 2, "batch_size": 64},
+        model={"channels": [16, 32], "hidden": 64},
+        train={"epochs": 15, "batch_size": 32, "lr": 0.003, "patience": 0},
     )
     summary = training_flow(cfg, tracking_uri=tracking_uri)
-    assert 0.0 <= summary.metrics["test_accuracy"] <= 1.0
+    # 300 noisy, shifted 28x28 digits: far above chance (0.1), though far from what 60,000 images give
+    assert summary.metrics["test_accuracy"] >= 0.5
     assert MlflowClient(tracking_uri).get_model_version("flow-test", summary.model_version).status == "READY"
 
 

@@ -133,9 +133,8 @@ def gate_lock(name: str):
 def _decide_and_record(
     client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target, flow_run_id
 ) -> Decision:
-    from mlflow.exceptions import MlflowException
-
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)

@@ -52,9 +52,9 @@ def register_model(
     example: pd.DataFrame,
     tags: dict[str, str],
 ) -> RegisteredVersion:
+    import mlflow
     from mlflow.models import infer_signature
 
-    import mlflow
     import models
     import tasks
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -18,7 +19,6 @@ from conftest import artifact_markdown, free_port
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-import mlflow
 from flows.scoring import scoring_flow
 from flows.training import training_flow
 from tasks.config import config_from_dict

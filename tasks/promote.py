@@ -122,11 +122,15 @@ def gate_lock(name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     limit = f"torchcycle-gate-{name}"
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    with get_client(sync_client=True) as client:
+        try:  # look first: a duplicate create makes the server log an IntegrityError traceback
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another gate created it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
     return concurrency(limit, occupy=1, timeout_seconds=600, strict=True)
 
 

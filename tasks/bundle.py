@@ -141,32 +141,42 @@ class FeaturePipeline:
             return values.astype(np.float64) * self.target_std + self.target_mean
         return values
 
-    def save(self, directory: Path) -> None:
+    def to_files(self) -> dict[str, bytes]:
+        """File name -> content: JSON metadata, the scikit-learn transformer in skops' format, the input schema."""
         import skops.io as sio
 
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("transformer", "contract")}
         meta["classes"] = [_json_ready(c) for c in self.classes] if self.classes else None
-        (directory / "preprocessor.json").write_text(json.dumps(meta, indent=2))
+        files = {"preprocessor.json": json.dumps(meta, indent=2).encode()}
         if self.transformer is not None:
-            sio.dump(self.transformer, directory / "column_transformer.skops")
+            files["column_transformer.skops"] = sio.dumps(self.transformer)
         if self.contract is not None:
-            (directory / "input_schema.json").write_text(contract_to_json(self.contract))
+            files["input_schema.json"] = contract_to_json(self.contract).encode()
+        return files
 
     @classmethod
-    def load(cls, directory: Path) -> FeaturePipeline:
+    def from_files(cls, files: dict[str, bytes]) -> FeaturePipeline:
+        """The inverse of `to_files`; nothing is unpickled (skops loads only trusted types)."""
         import skops.io as sio
 
-        meta = json.loads((directory / "preprocessor.json").read_text())
+        meta = json.loads(files["preprocessor.json"])
         if meta.get("image_shape") is not None:
             meta["image_shape"] = tuple(meta["image_shape"])
         pipe = cls(**meta)
-        skops_file = directory / "column_transformer.skops"
-        if skops_file.exists():
-            pipe.transformer = sio.load(skops_file, trusted=_SKOPS_TRUSTED)
-        schema_file = directory / "input_schema.json"
-        if schema_file.exists():
-            pipe.contract = contract_from_json(schema_file.read_text())
+        if "column_transformer.skops" in files:
+            pipe.transformer = sio.loads(files["column_transformer.skops"], trusted=_SKOPS_TRUSTED)
+        if "input_schema.json" in files:
+            pipe.contract = contract_from_json(files["input_schema.json"].decode())
         return pipe
+
+    def save(self, directory: Path) -> None:
+        for name, content in self.to_files().items():
+            (directory / name).write_bytes(content)
+
+    @classmethod
+    def load(cls, directory: Path) -> FeaturePipeline:
+        names = ("preprocessor.json", "column_transformer.skops", "input_schema.json")
+        return cls.from_files({n: (directory / n).read_bytes() for n in names if (directory / n).exists()})
 
 
 class Predictor:

@@ -17,9 +17,12 @@ from tasks.config import load_config
 
 
 @flow(name="retrain")
-def retrain(config_path: str = "configs/digits_cnn.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train, evaluate, register and gate the experiment in `config_path` (a YAML path on the worker)."""
-    summary = training_flow(load_config(config_path, overrides or []))
+def retrain(
+    config_path: str = "configs/digits_cnn.yaml", overrides: list[str] | None = None, cache: bool = True
+) -> dict[str, Any]:
+    """Train, evaluate, register and gate the experiment in `config_path` (a YAML path on the worker).
+    Unchanged data and config reuse the cached stages; `cache=False` trains again regardless."""
+    summary = training_flow(load_config(config_path, overrides or []), cache=cache)
     return {
         "model_name": summary.model_name,
         "model_version": summary.model_version,

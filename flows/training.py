@@ -19,10 +19,12 @@ from tasks.preprocess import preprocess_task
 from tasks.promote import Decision, default_metric, gate_task
 from tasks.register import register_task
 from tasks.scoring import write_frame_task
+from tasks.stage_cache import cached, stage_key
 from tasks.tracking import (
     MlflowEpochLogger,
     finish_run_task,
     log_evaluation_task,
+    log_history_task,
     prepare_store,
     resolve_tracking_uri,
     start_run_task,
@@ -59,10 +61,14 @@ def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
 
 @flow(name="training")
 def training_flow(
-    config: ExperimentConfig, tracking_uri: str | None = None, holdout_path: str | None = None
+    config: ExperimentConfig, tracking_uri: str | None = None, holdout_path: str | None = None, cache: bool = True
 ) -> TrainingSummary:
     """Train, evaluate, register and gate one experiment. `holdout_path`: also write the test split
-    (features and target, never seen in training) there as Parquet, a realistic file to score."""
+    (features and target, never seen in training) there as Parquet, a realistic file to score.
+
+    `cache`: preprocess, features, train and evaluate reuse the results of an earlier run with the same
+    config, data and code (Prefect's cache, stored without pickle), so a run that failed at register
+    restarts at register. False neither reads nor writes the cache."""
     uri = resolve_tracking_uri(tracking_uri)
     prepare_store(uri)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
@@ -79,12 +85,18 @@ def training_flow(
     try:
         raw = ingest_task(config.data)
         validate_task(raw)
-        splits = preprocess_task(raw, config.data, config.seed)
-        prepared = features_task(splits, config.features)
+        world = distributed()[1]
+
+        def key(stage: str) -> str | None:
+            return stage_key(stage, config.config_hash(), raw.digest, world) if cache else None
+
+        splits = cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed)
+        prepared = cached(features_task, key("features"))(splits, config.features)
         if holdout_path:
             write_frame_task(prepared.test_frame, Path(holdout_path))
         ckpt = checkpoint_path(config.name, config.config_hash(), raw.digest)
-        trained = train_task(
+        # Under DDP every rank must take part in training, so rank 0 never takes it from the cache.
+        trained = cached(train_task, key("train") if world == 1 else None)(
             prepared,
             config.model,
             config.train,
@@ -92,7 +104,8 @@ def training_flow(
             callback=MlflowEpochLogger(MlflowClient(uri), run_id),
             checkpoint=ckpt,
         )
-        report = evaluate_task(trained, prepared)
+        log_history_task(uri, run_id, trained.fit.history)  # epochs trained by an earlier run
+        report = cached(evaluate_task, key("evaluate"))(trained, prepared)
         log_evaluation_task(uri, run_id, report.metrics, report.figures)
         version_tags = {
             "data_digest": raw.digest,

@@ -59,6 +59,11 @@ class MlflowEpochLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
 
 
+def missing_epochs(history: list[dict[str, float]], logged_steps: set[int]) -> list[tuple[int, dict[str, float]]]:
+    """(epoch, metrics) of the epochs a run has not logged yet; epochs count from 1."""
+    return [(i, m) for i, m in enumerate(history, start=1) if i not in logged_steps]
+
+
 def log_figures(client: MlflowClient, run_id: str, figures: dict[str, bytes], artifact_path: str = "plots") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, png in figures.items():
@@ -99,6 +104,27 @@ def log_evaluation_task(tracking_uri: str, run_id: str, metrics: dict[str, float
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     log_figures(client, run_id, figures)
+
+
+@task(name="log-history", **_IO_RETRIES)
+def log_history_task(tracking_uri: str, run_id: str, history: list[dict[str, float]]) -> int:
+    """Log the per-epoch metrics the run lacks: a model that came from the stage cache or resumed
+    from a checkpoint trained (some) epochs in an earlier run. Returns how many epochs were logged."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if not history:
+        return 0
+    client = MlflowClient(tracking_uri)
+    first_key = next(iter(history[0]))
+    logged = {m.step for m in client.get_metric_history(run_id, first_key)}
+    todo = missing_epochs(history, logged)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, epoch) for epoch, m in todo for k, v in m.items()]
+    for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics per call
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return len(todo)
 
 
 @task(name="finish-mlflow-run", **_IO_RETRIES)

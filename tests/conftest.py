@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The stage cache (tasks/stage_cache.py) lives outside the checkout for the whole session; each test
+# then gets its own (below), so no test takes another's trained model from the cache.
+os.environ["TORCHCYCLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchcycle-cache-")
 warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 
 
@@ -21,6 +25,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _own_stage_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHCYCLE_CACHE_DIR", str(tmp_path / "stage-cache"))
 
 
 @pytest.fixture()

@@ -72,6 +72,7 @@ def _env(tmp_path: Path, name: str) -> dict[str, str]:
     return cli_env(
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / name / 'mlflow.db'}",
         TORCHCYCLE_CHECKPOINT_DIR=str(tmp_path / name / "ckpt"),
+        TORCHCYCLE_CACHE_DIR=str(tmp_path / name / "cache"),  # not the reference run's trained model
     )
 
 
@@ -151,9 +152,27 @@ def test_scoring_killed_mid_file_leaves_no_output_and_reruns_cleanly(tmp_path: P
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_a_run_that_failed_at_register_does_not_train_again(tmp_path: Path, monkeypatch) -> None:
+def test_a_run_that_failed_at_register_restarts_at_register(tmp_path: Path, monkeypatch) -> None:
+    """The re-run takes preprocess, features, train and evaluate from Prefect's cache: none executes."""
     import flows.training as training_module
+    import tasks.evaluate
+    import tasks.features
+    import tasks.preprocess
+    import tasks.train
 
+    calls: dict[str, int] = {}
+    for module, name in [
+        (tasks.preprocess, "preprocess"),
+        (tasks.features, "build_features"),
+        (tasks.train, "train"),
+        (tasks.evaluate, "evaluate"),
+    ]:
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _real(*a, **k),
+        )
     monkeypatch.setenv("TORCHCYCLE_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(ROOT / "configs" / "wine_mlp.yaml", ["train.epochs=12", "train.patience=0"])
@@ -165,15 +184,28 @@ def test_a_run_that_failed_at_register_does_not_train_again(tmp_path: Path, monk
     monkeypatch.setattr(training_module, "register_task", registry_down)
     with pytest.raises(ConnectionError):
         training_flow(cfg, tracking_uri=uri)
-    saved = load_checkpoint(next((tmp_path / "ckpt").glob("*.pt")))
-    assert saved["epoch"] == 12  # training finished and is on disk
+    assert calls == {"preprocess": 1, "build_features": 1, "train": 1, "evaluate": 1}
+    client = MlflowClient(uri)
+    assert [r.info.status for r in client.search_runs([client.get_experiment_by_name("wine").experiment_id])] == [
+        "FAILED"
+    ]
 
     monkeypatch.setattr(training_module, "register_task", real_register)
     summary = training_flow(cfg, tracking_uri=uri)
+    assert calls == {"preprocess": 1, "build_features": 1, "train": 1, "evaluate": 1}  # nothing ran again
     assert summary.model_version == "1" and summary.epochs == 12 and summary.metrics["test_accuracy"] > 0.8
-    # no epoch ran again: the epoch callback (per-epoch MLflow metrics) never fired in the second run
-    assert MlflowClient(uri).get_metric_history(summary.run_id, "train_loss") == []
+    # the new run still shows the whole loss curve: the cached model's history is logged into it
+    assert [m.step for m in client.get_metric_history(summary.run_id, "train_loss")] == list(range(1, 13))
     assert not list((tmp_path / "ckpt").glob("*.pt"))
+
+    # another config is another key: the stages run again (preprocess's inputs did not change, but the
+    # key covers the whole config, so it is conservative)
+    changed = load_config(ROOT / "configs" / "wine_mlp.yaml", ["train.epochs=6", "train.patience=0"])
+    assert training_flow(changed, tracking_uri=uri).epochs == 6
+    assert calls["train"] == 2 and calls["evaluate"] == 2
+    # cache=False (`torchcycle train --no-cache`) runs everything again
+    training_flow(cfg, tracking_uri=uri, cache=False)
+    assert calls == {"preprocess": 3, "build_features": 3, "train": 3, "evaluate": 3}
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -109,8 +109,12 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Processes for torch DDP via torchrun (GPUs, else CPU).")] = 1,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Run every stage again; neither read nor write the stage cache.")
+    ] = False,
 ) -> None:
-    """Run the training flow for one experiment config."""
+    """Run the training flow for one experiment config. Stages done by an earlier run with the same config,
+    data and code come from the stage cache (TORCHCYCLE_CACHE_DIR, default ./cache)."""
     _setup_env()
     from tasks.config import load_config
 
@@ -126,18 +130,19 @@ def train(
         for item in set_ or []:
             cmd += ["--set", item]
         cmd += ["--json"] if as_json else []
+        cmd += ["--no-cache"] if no_cache else []
         raise typer.Exit(subprocess.call(cmd))
-    run_training(cfg, as_json)
+    run_training(cfg, as_json, cache=not no_cache)
 
 
-def run_training(cfg, as_json: bool = False) -> None:
+def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
     """The training flow plus its printed summary (also rank 0's job under DDP)."""
     try:
         from flows.training import training_flow
 
         _quiet_bad_input_tracebacks()
         with _service_errors():
-            summary = training_flow(cfg)
+            summary = training_flow(cfg, cache=cache)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     _print_training(summary)

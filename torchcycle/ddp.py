@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             from torchcycle.cli import run_training
 
             try:
-                run_training(cfg, as_json="--json" in args)
+                run_training(cfg, as_json="--json" in args, cache="--no-cache" not in args)
             except typer.Exit as done:  # the CLI's clean exit (code 2 on bad input) outside Typer's runner
                 sys.exit(done.exit_code)
         else:

@@ -31,4 +31,4 @@ ui: $(STAMP)
 	$(BIN)/torchcycle ui
 
 clean:
-	rm -rf $(VENV) .prefect .pytest_cache mlflow/mlflow.db mlflow/artifacts
+	rm -rf $(VENV) .prefect .pytest_cache mlflow/mlflow.db mlflow/artifacts cache checkpoints

@@ -178,9 +178,9 @@ class SafeSerializer(Serializer):
         try:
             with zipfile.ZipFile(io.BytesIO(base64.b64decode(blob, validate=True))) as zf:
                 return _Decoder(zf).decode(json.loads(zf.read("tree.json")))
+        except DataError:  # a refusal (foreign class, unknown node) already says what is wrong
+            raise
         except (zipfile.BadZipFile, KeyError, ValueError, binascii.Error) as exc:
-            if isinstance(exc, DataError):
-                raise
             raise DataError(f"cached result is corrupt ({exc}): delete {cache_dir()} or run with --no-cache") from None
 
 

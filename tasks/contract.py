@@ -29,7 +29,11 @@ def _register_checks() -> None:
     @register_check_method(statistics=[], check_type="vectorized")
     def finite(series: pd.Series) -> pd.Series:
         values = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-        return pd.Series(~np.isinf(values), index=series.index)
+        ok = ~np.isinf(values)
+        if not pd.api.types.is_numeric_dtype(series):  # object or str columns (pandas 3 reads text as str)
+            # text where a number was trained ('red', even '1.5') is not a number
+            ok &= ~np.fromiter((isinstance(v, str | bytes) for v in series), dtype=bool, count=len(series))
+        return pd.Series(ok, index=series.index)
 
     _registered = True
 
@@ -101,6 +105,8 @@ def _clearly_valid(frame: pd.DataFrame, schema: Any) -> bool:
     numeric, nullable = [], []
     for name, col in schema.columns.items():
         if name not in frame.columns or (col.metadata or {}).get("kind") != "number" or len(col.checks) != 1:
+            return False
+        if not pd.api.types.is_numeric_dtype(frame[name]):  # text such as '1.5' would convert below
             return False
         numeric.append(name)
         nullable.append(col.nullable)

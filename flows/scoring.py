@@ -8,11 +8,11 @@ from pathlib import Path
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.ingest import find_inputs
 from tasks.scoring import (
     DEFAULT_BATCH_ROWS,
     ModelRef,
     ScoreResult,
-    find_inputs,
     load_model_task,
     log_scoring_task,
     resolve_model_task,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,34 @@ def _synthetic(name: str) -> tuple[pd.DataFrame, Task]:
     raise DataError(f"unknown synthetic data set '{name}'")
 
 
+SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class NoInputs(DataError):
+    """The input path, directory or glob names no table file (yet)."""
+
+
+def find_inputs(path: str | Path) -> list[Path]:
+    """A file, a directory (its CSV/Parquet files) or a glob; sorted so output order is stable."""
+    text = str(path)
+    p = Path(text)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES]
+    elif p.is_file():
+        files = [p]
+    elif glob.has_magic(text):
+        files = [Path(f) for f in glob.glob(text) if Path(f).is_file()]
+    else:
+        raise NoInputs(f"input not found: {text}")
+    files = sorted(f for f in files if not f.name.startswith("."))  # skip our own partial files
+    if not files:
+        raise NoInputs(f"no .csv or .parquet files in {text}")
+    bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
+    if bad:
+        raise DataError(f"unsupported input file type: {', '.join(bad)} (use .csv or .parquet)")
+    return files
+
+
 def _header(path: Path, suffix: str) -> list[str]:
     """Column names as stored: pandas would rename CSV duplicates ('a.1') and fail on Parquet ones."""
     if suffix in (".parquet", ".pq"):
@@ -102,6 +131,22 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
+def read_tables(paths: list[Path]) -> pd.DataFrame:
+    """Several files of one table (data that accumulates: `data/training/*.parquet`), in name order.
+    Every file must have the same columns; the first file's dtypes win where they differ."""
+    frames = [read_table(p) for p in paths]
+    first = list(frames[0].columns)
+    for path, frame in zip(paths[1:], frames[1:], strict=True):
+        if list(frame.columns) != first:
+            raise DataError(
+                f"{path} does not have the columns of {paths[0]}: "
+                f"expected {', '.join(map(str, first))}; got {', '.join(map(str, frame.columns))}"
+            )
+    if len(frames) == 1:
+        return frames[0]
+    return pd.concat(frames, ignore_index=True)
+
+
 def _infer_task(y: pd.Series) -> Task:
     if isinstance(y.dtype, pd.CategoricalDtype) or y.dtype == bool or not pd.api.types.is_numeric_dtype(y):
         return "classification"
@@ -144,7 +189,7 @@ def ingest(cfg: DataConfig) -> RawData:
         frame, task_ = _synthetic(name)
         target = "y"
     elif scheme == "file":
-        frame = read_table(Path(name))
+        frame = read_tables(find_inputs(name))
         target = cfg.target or ""
         if target not in frame.columns:
             raise DataError(

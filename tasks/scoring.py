@@ -7,7 +7,6 @@ registry I/O and carry the retries.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
@@ -24,9 +23,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from tasks.ingest import NoInputs, find_inputs
 from tasks.types import DataError
 
-SUFFIXES = (".csv", ".parquet", ".pq")
 LINEAGE_COLUMNS = ("model_name", "model_version", "model_run_id")
 DEFAULT_BATCH_ROWS = 65_536  # rows per record batch: bounded memory whatever the file size
 
@@ -82,27 +81,6 @@ def resolve_model(client: Any, ref: ModelRef) -> ResolvedModel:
 
 
 # ---- inputs and their schema --------------------------------------------------------------------
-def find_inputs(path: str | Path) -> list[Path]:
-    """A file, a directory (its CSV/Parquet files) or a glob; sorted so output order is stable."""
-    text = str(path)
-    p = Path(text)
-    if p.is_dir():
-        files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES]
-    elif p.is_file():
-        files = [p]
-    elif glob.has_magic(text):
-        files = [Path(f) for f in glob.glob(text) if Path(f).is_file()]
-    else:
-        raise DataError(f"input not found: {text}")
-    files = sorted(f for f in files if not f.name.startswith("."))  # skip our own partial files
-    if not files:
-        raise DataError(f"no .csv or .parquet files in {text}")
-    bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
-    if bad:
-        raise DataError(f"unsupported input file type: {', '.join(bad)} (use .csv or .parquet)")
-    return files
-
-
 _KINDS = {
     "boolean": "bool",
     "integer": "number",
@@ -420,6 +398,37 @@ def resolve_model_task(tracking_uri: str, ref: ModelRef) -> ResolvedModel:
     from mlflow.tracking import MlflowClient
 
     return resolve_model(MlflowClient(tracking_uri), ref)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Whether a scheduled scoring run has work; `idle` says why not (None: there is work)."""
+
+    idle: str | None
+    model: ResolvedModel | None = None
+
+
+def plan_scoring(client: Any, ref: ModelRef, input: str, output: Path) -> ScoringPlan:
+    """Nothing to do when no input file exists yet, no version answers `ref` yet, or every input already
+    has its output from that version (directory output). Other problems raise as usual."""
+    try:
+        inputs = find_inputs(input)
+    except NoInputs as err:
+        return ScoringPlan(str(err))
+    try:
+        model = resolve_model(client, ref)
+    except DataError as err:
+        return ScoringPlan(f"{err} (train one first)")
+    if output_is_directory(output) and all((output / output_name(p, model)).exists() for p in inputs):
+        return ScoringPlan(f"all {len(inputs)} file(s) in {input} already scored by {model.name} v{model.version}")
+    return ScoringPlan(None, model)
+
+
+@task(name="plan-scoring", **io_task_options())
+def plan_scoring_task(tracking_uri: str, ref: ModelRef, input: str, output: str) -> ScoringPlan:
+    from mlflow.tracking import MlflowClient
+
+    return plan_scoring(MlflowClient(tracking_uri), ref, input, Path(output))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("name: m\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp}\ntrain: {lr: fast}\n", "train.lr"),
         (
             "name: m\ndata: {source: 'file:/nonexistent.csv', target: y}\nmodel: {kind: mlp}\n",
-            "input file not found: /nonexistent.csv",
+            "input not found: /nonexistent.csv",
         ),
     ],
 )

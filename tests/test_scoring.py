@@ -22,7 +22,16 @@ from typer.testing import CliRunner
 from flows.scoring import scoring_flow
 from flows.training import training_flow
 from tasks.config import config_from_dict
-from tasks.scoring import ModelRef, ResolvedModel, Scorer, atomic_parquet, check_schema, find_inputs, score_batch
+from tasks.ingest import find_inputs
+from tasks.scoring import (
+    ModelRef,
+    ResolvedModel,
+    Scorer,
+    atomic_parquet,
+    check_schema,
+    plan_scoring,
+    score_batch,
+)
 from tasks.types import DataError
 from torchcycle.cli import app
 
@@ -332,3 +341,39 @@ def test_run_command_trains_gates_and_scores_held_out_rows(tmp_path: Path, monke
     assert len(scored) == len(holdout) == 36
     # the held-out label is passed through, so the scored file can be checked against the truth
     assert (scored["target"] == scored["prediction"]).mean() >= 0.9
+
+
+class _Registry:
+    """The two MlflowClient calls resolve_model makes; `champion` None: no version has the alias yet."""
+
+    def __init__(self, champion: str | None) -> None:
+        self.champion = champion
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        if self.champion is None:
+            raise MlflowException("no alias", error_code=ErrorCode.Value("RESOURCE_DOES_NOT_EXIST"))
+        return type("MV", (), {"name": name, "version": self.champion, "run_id": "r1"})()
+
+
+def test_plan_scoring_says_why_there_is_nothing_to_do(tmp_path: Path) -> None:
+    ref, incoming, out = ModelRef("m", alias="champion"), tmp_path / "incoming", tmp_path / "scored"
+    assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == f"input not found: {incoming}"
+    incoming.mkdir()
+    assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == f"no .csv or .parquet files in {incoming}"
+    _table(3).to_parquet(incoming / "a.parquet")
+    no_champion = plan_scoring(_Registry(None), ref, str(incoming), out)
+    assert no_champion.idle == "no model version for 'm@champion' in the registry (train one first)"
+    work = plan_scoring(_Registry("1"), ref, str(incoming), out)
+    assert work.idle is None and work.model == ResolvedModel("m", "1", "r1")
+    out.mkdir()
+    (out / "a.m-v1.parquet").write_bytes(b"")  # scored by v1 already
+    assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == (
+        f"all 1 file(s) in {incoming} already scored by m v1"
+    )
+    assert plan_scoring(_Registry("2"), ref, str(incoming), out).idle is None  # a new champion scores again
+    (incoming / "x.json").write_text("{}")
+    with pytest.raises(DataError, match="unsupported input file type"):  # a real problem still fails
+        plan_scoring(_Registry("1"), ref, str(incoming / "*"), out)

@@ -287,3 +287,21 @@ def test_bundle_refuses_a_pickle_in_place_of_the_weights(tmp_path: Path) -> None
     with pytest.raises(Exception, match=r"(?i)safetensor|header|deserializ"):
         load_bundle(bundle)
     assert not marker.exists()
+
+
+def test_file_source_reads_a_directory_or_glob_of_files_in_name_order(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"x": np.arange(6.0), "y": [0, 1, 0, 1, 0, 1]})
+    folder = tmp_path / "training"
+    folder.mkdir()
+    frame.iloc[3:].to_csv(folder / "b.csv", index=False)
+    frame.iloc[:3].to_parquet(folder / "a.parquet")
+    for source in (f"file:{folder}", f"file:{folder}/*"):
+        raw = ingest(DataConfig(source=source, target="y"))
+        assert raw.frame["x"].tolist() == frame["x"].tolist()  # a.parquet, then b.csv
+    one = ingest(DataConfig(source=f"file:{folder}/a.parquet", target="y"))
+    assert one.digest != raw.digest  # the digest covers every file
+    pd.DataFrame({"x": [1.0], "z": [0]}).to_csv(folder / "c.csv", index=False)
+    with pytest.raises(DataError, match=r"c\.csv does not have the columns of .*a\.parquet"):
+        ingest(DataConfig(source=f"file:{folder}", target="y"))
+    with pytest.raises(DataError, match=r"no \.csv or \.parquet files"):
+        ingest(DataConfig(source=f"file:{tmp_path}/none/*.parquet", target="y"))

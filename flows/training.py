@@ -17,9 +17,9 @@ from tasks.features import features_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
 from tasks.promote import Decision, default_metric, gate_task
-from tasks.register import register_task
+from tasks.register import register_task, unchanged_version_task
 from tasks.scoring import write_frame_task
-from tasks.stage_cache import cached, stage_key
+from tasks.stage_cache import cached, code_version, stage_key
 from tasks.tracking import (
     MlflowEpochLogger,
     finish_run_task,
@@ -59,16 +59,32 @@ def summary_markdown(config: ExperimentConfig, s: TrainingSummary) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """A retrain that found nothing new: the latest version was made from the same data, config and code."""
+
+    model_name: str
+    model_version: str
+    reason: str
+
+
 @flow(name="training")
 def training_flow(
-    config: ExperimentConfig, tracking_uri: str | None = None, holdout_path: str | None = None, cache: bool = True
-) -> TrainingSummary:
+    config: ExperimentConfig,
+    tracking_uri: str | None = None,
+    holdout_path: str | None = None,
+    cache: bool = True,
+    skip_unchanged: bool = False,
+) -> TrainingSummary | Unchanged:
     """Train, evaluate, register and gate one experiment. `holdout_path`: also write the test split
     (features and target, never seen in training) there as Parquet, a realistic file to score.
 
     `cache`: preprocess, features, train and evaluate reuse the results of an earlier run with the same
     config, data and code (Prefect's cache, stored without pickle), so a run that failed at register
-    restarts at register. False neither reads nor writes the cache."""
+    restarts at register. False neither reads nor writes the cache.
+
+    `skip_unchanged`: when the latest registered version has this run's data digest, config hash and code
+    version, return `Unchanged` without starting an MLflow run or registering anything."""
     uri = resolve_tracking_uri(tracking_uri)
     prepare_store(uri)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
@@ -79,12 +95,18 @@ def training_flow(
         "torchcycle.model_kind": config.model.kind,
         "torchcycle.world_size": str(distributed()[1]),  # >1: trained with torch DDP, logged by rank 0 only
     }
+    # Bad data stops here, before an MLflow run exists: nothing is written for input that cannot train.
+    raw = ingest_task(config.data)
+    validate_task(raw)
+    lineage = {"data_digest": raw.digest, "config_hash": config.config_hash(), "code_version": code_version()}
+    if skip_unchanged:
+        same = unchanged_version_task(uri, config.name, lineage)
+        if same is not None:
+            return Unchanged(config.name, same, f"data, config and code are those of version {same}")
     run_id = start_run_task(
         uri, config.experiment, f"{config.name}-{runtime.flow_run.name or 'local'}", config.flat_params(), run_tags
     )
     try:
-        raw = ingest_task(config.data)
-        validate_task(raw)
         world = distributed()[1]
 
         def key(stage: str) -> str | None:
@@ -107,11 +129,7 @@ def training_flow(
         log_history_task(uri, run_id, trained.fit.history)  # epochs trained by an earlier run
         report = cached(evaluate_task, key("evaluate"))(trained, prepared)
         log_evaluation_task(uri, run_id, report.metrics, report.figures)
-        version_tags = {
-            "data_digest": raw.digest,
-            "config_hash": config.config_hash(),
-            "prefect_flow_run_id": flow_run_id or "",
-        }
+        version_tags = {**lineage, "prefect_flow_run_id": flow_run_id or ""}
         metric = config.gate.metric or default_metric(raw.task)
         if metric not in report.metrics:
             raise ConfigError(

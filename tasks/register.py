@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -17,6 +18,8 @@ from tasks.retry import io_task_options
 from tasks.train import TrainedModel
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# What a version was made from; equal on all three means training again would make the same model.
+LINEAGE_TAGS = ("data_digest", "config_hash", "code_version")
 _REQUIREMENTS = ("torch", "numpy", "pandas", "scikit-learn", "skops", "safetensors", "pyarrow", "mlflow")
 
 
@@ -101,3 +104,20 @@ def register_task(
         )
     get_run_logger().info("registered %s version %s", reg.name, reg.version)
     return reg
+
+
+def unchanged_version(client: Any, name: str, lineage: dict[str, str]) -> str | None:
+    """The latest version of `name` when its lineage tags equal `lineage`, else None."""
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        return None
+    latest = max(versions, key=lambda mv: int(mv.version))
+    tags = latest.tags or {}
+    return str(latest.version) if all(tags.get(k) == lineage[k] for k in LINEAGE_TAGS) else None
+
+
+@task(name="check-unchanged", **io_task_options())
+def unchanged_version_task(tracking_uri: str, name: str, lineage: dict[str, str]) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    return unchanged_version(MlflowClient(tracking_uri), name, lineage)

@@ -11,8 +11,8 @@ import pytest
 from conftest import artifact_markdown
 from mlflow.tracking import MlflowClient
 
-from flows.training import training_flow
-from tasks.config import config_from_dict
+from flows.training import TrainingSummary, Unchanged, training_flow
+from tasks.config import ConfigError, config_from_dict
 from tasks.types import DataError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -107,13 +107,46 @@ def test_flow_trains_a_cnn_on_mnist_idx_files(tracking_uri: str, mnist_root: Pat
     assert MlflowClient(tracking_uri).get_model_version("flow-test", summary.model_version).status == "READY"
 
 
-def test_failed_flow_marks_the_run_failed_and_registers_nothing(tracking_uri: str, tmp_path: Path) -> None:
+def test_bad_data_writes_no_run_and_registers_nothing(tracking_uri: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}).to_csv(path, index=False)
     cfg = _cfg(f"file:{path}", data={"target": "missing"})
     with pytest.raises(DataError, match="target column 'missing' not found"):
         training_flow(cfg, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+    assert client.search_registered_models() == []
+
+
+def test_failure_after_the_run_started_marks_it_failed(tracking_uri: str, tmp_path: Path) -> None:
+    # Ingest accepts it; the gate metric does not apply to a regression target, after training.
+    cfg = _cfg("synthetic:line", "linear", train={"epochs": 2}, gate={"metric": "test_accuracy"})
+    with pytest.raises(ConfigError, match=r"gate\.metric 'test_accuracy' does not apply"):
+        training_flow(cfg, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert client.search_registered_models() == []
+
+
+def test_skip_unchanged_registers_nothing_until_the_data_changes(tracking_uri: str, tmp_path: Path) -> None:
+    folder = tmp_path / "training"
+    folder.mkdir()
+    frame = pd.DataFrame({"x": np.arange(40.0), "y": 2 * np.arange(40.0) + 1})
+    frame.iloc[:20].to_parquet(folder / "day1.parquet")
+    cfg = _cfg(f"file:{folder}/*.parquet", "linear", data={"target": "y"}, train={"epochs": 2})
+    first = training_flow(cfg, tracking_uri=tracking_uri, skip_unchanged=True)
+    assert isinstance(first, TrainingSummary) and first.model_version == "1"
+    again = training_flow(cfg, tracking_uri=tracking_uri, skip_unchanged=True)
+    assert again == Unchanged("flow-test", "1", "data, config and code are those of version 1")
+    frame.iloc[20:].to_parquet(folder / "day2.parquet")  # new data lands in the glob
+    grown = training_flow(cfg, tracking_uri=tracking_uri, skip_unchanged=True)
+    assert isinstance(grown, TrainingSummary) and grown.model_version == "2"
+    client = MlflowClient(tracking_uri)
+    assert len(client.search_model_versions("name='flow-test'")) == 2
+    # version 2 was trained on both files: its data digest differs from version 1's
+    assert (
+        client.get_model_version("flow-test", "2").tags["data_digest"]
+        != client.get_model_version("flow-test", "1").tags["data_digest"]
+    )

@@ -1,34 +1,52 @@
-"""Scheduled deployments: `retrain` (nightly) and `score` (hourly), defined in code.
+"""Scheduled deployments: `retrain` (default nightly) and `score` (default hourly).
 
 `torchcycle serve` runs them in-process on one machine; `torchcycle deploy` registers them with the
 Prefect server at PREFECT_API_URL on a process work pool, for `prefect worker start` to pick up.
+Schedules come from the command line, else the config's `deployment:` section, else the schedule the
+server already has (edited in the UI, say), else the defaults below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.scoring import scoring_flow
-from flows.training import training_flow
-from tasks.config import load_config
+from flows.training import Unchanged, training_flow
+from tasks.config import ScheduleSpec, load_config
+from tasks.scoring import ModelRef, plan_scoring_task
+from tasks.tracking import resolve_tracking_uri
+
+DEFAULT_SCHEDULES = {
+    "retrain": ScheduleSpec("cron", "0 2 * * *", "UTC"),  # nightly, 02:00 UTC
+    "score": ScheduleSpec("cron", "0 * * * *", "UTC"),  # hourly
+}
 
 
 @flow(name="retrain")
 def retrain(
-    config_path: str = "configs/digits_cnn.yaml", overrides: list[str] | None = None, cache: bool = True
+    config_path: str = "configs/digits_cnn.yaml",
+    overrides: list[str] | None = None,
+    cache: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train, evaluate, register and gate the experiment in `config_path` (a YAML path on the worker).
-    Unchanged data and config reuse the cached stages; `cache=False` trains again regardless."""
-    summary = training_flow(load_config(config_path, overrides or []), cache=cache)
+    """Train, evaluate, register and gate the experiment in `config_path` (a YAML path on the worker),
+    unless the latest version was made from the same data, config and code: then nothing is registered.
+    `force=True` trains and registers anyway; `cache=False` also runs every stage again."""
+    result = training_flow(load_config(config_path, overrides or []), cache=cache, skip_unchanged=not force)
+    if isinstance(result, Unchanged):
+        get_run_logger().info("nothing new for %s: %s; nothing registered", result.model_name, result.reason)
+        return {"status": "unchanged", "model_name": result.model_name, "model_version": result.model_version}
     return {
-        "model_name": summary.model_name,
-        "model_version": summary.model_version,
-        "promoted": bool(summary.decision and summary.decision.promote),
-        "run_id": summary.run_id,
-        "metrics": summary.metrics,
+        "status": "registered",
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "promoted": bool(result.decision and result.decision.promote),
+        "run_id": result.run_id,
+        "metrics": result.metrics,
     }
 
 
@@ -41,10 +59,16 @@ def score(
 ) -> dict[str, Any]:
     """Score every new file under `input` with `model` (NAME = NAME@champion) into the `output` directory.
 
-    One output file per input and model version: files already scored by this version are skipped,
-    so an hourly schedule only does new work."""
+    One output file per input and model version: files already scored by this version are skipped.
+    With nothing to do (no champion yet, no input files, all scored) the run completes with the reason
+    and writes no MLflow run."""
+    plan = plan_scoring_task(resolve_tracking_uri(), ModelRef.parse(model), input, output)
+    if plan.idle:
+        get_run_logger().info("nothing to score: %s", plan.idle)
+        return {"status": "idle", "reason": plan.idle}
     result = scoring_flow(model, input, output, id_cols)
     return {
+        "status": "scored",
         "model_version": result.model.version,
         "rows": result.rows,
         "scored": [f.output for f in result.files if not f.skipped],
@@ -57,10 +81,10 @@ def score(
 class DeploymentSpec:
     name: str
     flow_name: str  # attribute of this module, also the entrypoint's function
-    cron: str
     description: str
     parameters: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    schedule: ScheduleSpec | None = None  # None: keep the server's, or the default for a new deployment
 
 
 def default_specs(
@@ -68,31 +92,88 @@ def default_specs(
     model: str = "digits-cnn",
     score_input: str = "data/incoming",
     score_output: str = "data/scored",
+    schedules: dict[str, ScheduleSpec | None] | None = None,
 ) -> tuple[DeploymentSpec, ...]:
+    schedules = schedules or {}
     return (
         DeploymentSpec(
             "retrain",
             "retrain",
-            "0 2 * * *",  # nightly, 02:00 UTC
-            "Nightly retrain of the default config; the gate decides whether it becomes champion.",
+            "Retrain of the config when its data, config or code changed; the gate decides the champion.",
             {"config_path": config_path, "overrides": []},
             ("torchcycle", "training"),
+            schedules.get("retrain"),
         ),
         DeploymentSpec(
             "score",
             "score",
-            "0 * * * *",  # hourly
-            "Hourly batch scoring of new files with the champion; already scored files are skipped.",
+            "Batch scoring of new files with the champion; already scored files are skipped.",
             {"model": model, "input": score_input, "output": score_output},
             ("torchcycle", "scoring"),
+            schedules.get("score"),
         ),
     )
 
 
-def runner_deployments(specs: tuple[DeploymentSpec, ...], source: str | None = None) -> list[Any]:
+def spec_from_server(schedule: Any) -> ScheduleSpec | None:
+    """A server-side schedule (CronSchedule / IntervalSchedule) as a ScheduleSpec; None for other kinds."""
+    if getattr(schedule, "cron", None):
+        return ScheduleSpec("cron", schedule.cron, schedule.timezone or "UTC")
+    if getattr(schedule, "interval", None):
+        return ScheduleSpec("interval", f"{schedule.interval.total_seconds():g}")
+    return None
+
+
+def prefect_schedules(spec: ScheduleSpec) -> list[Any]:
+    from prefect.schedules import Cron, Interval
+
+    if spec.kind == "cron":
+        return [Cron(spec.value, timezone=spec.timezone)]
+    if spec.kind == "interval":
+        return [Interval(timedelta(seconds=float(spec.value)))]
+    return []
+
+
+def resolve_schedules(
+    specs: tuple[DeploymentSpec, ...], existing: dict[str, list[Any]]
+) -> tuple[tuple[DeploymentSpec, ...], list[str]]:
+    """Fill each spec's schedule (given > the server's current one > default) and say what changes.
+
+    `existing`: deployment name -> its server-side schedules (absent: not deployed yet)."""
+    out, lines = [], []
+    for spec in specs:
+        current = existing.get(spec.name)
+        now = [spec_from_server(s.schedule) for s in current] if current is not None else None
+        now_text = ", ".join(s.describe() if s else "a custom schedule" for s in now) if now else "no schedule"
+        if spec.schedule is not None:
+            chosen = spec.schedule
+        elif now is not None:
+            out.append(spec)  # keep whatever the server has, exactly
+            lines.append(f"{spec.name}: schedule kept as on the server ({now_text})")
+            continue
+        else:
+            chosen = DEFAULT_SCHEDULES[spec.name]
+        if now is None:
+            lines.append(f"{spec.name}: new, {chosen.describe()}")
+        elif now_text == chosen.describe():
+            lines.append(f"{spec.name}: schedule unchanged ({now_text})")
+        else:
+            lines.append(f"{spec.name}: schedule {now_text} -> {chosen.describe()}")
+        out.append(DeploymentSpec(**{**spec.__dict__, "schedule": chosen}))
+    return tuple(out), lines
+
+
+def runner_deployments(
+    specs: tuple[DeploymentSpec, ...], source: str | None = None, existing: dict[str, list[Any]] | None = None
+) -> list[Any]:
     """RunnerDeployments for `prefect.serve` (source=None: this process's flows) or `prefect.deploy`
-    (source: the project directory as the worker sees it; the worker runs the flow from there)."""
-    from prefect.schedules import Cron
+    (source: the project directory as the worker sees it; the worker runs the flow from there).
+
+    A spec without a schedule carries the server's schedules in `existing` over unchanged. Every
+    deployment runs one flow run at a time: a run due while the last one still runs is cancelled, not
+    stacked (an hourly score that overruns does not double up)."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     flows = {"retrain": retrain, "score": score}
     out = []
@@ -100,13 +181,37 @@ def runner_deployments(specs: tuple[DeploymentSpec, ...], source: str | None = N
         obj = flows[spec.flow_name]
         if source is not None:
             obj = obj.from_source(source=source, entrypoint=f"flows/deployments.py:{spec.flow_name}")
+        if spec.schedule is not None:
+            schedules: list[Any] = prefect_schedules(spec.schedule)
+        else:
+            schedules = [
+                DeploymentScheduleCreate(schedule=s.schedule, active=s.active) for s in (existing or {})[spec.name]
+            ]
         out.append(
             obj.to_deployment(
                 name=spec.name,
-                schedules=[Cron(spec.cron, timezone="UTC")],
+                schedules=schedules,
                 parameters=spec.parameters,
                 tags=list(spec.tags),
                 description=spec.description,
+                concurrency_limit=ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
             )
         )
+    return out
+
+
+def read_existing(names: tuple[tuple[str, str], ...]) -> dict[str, list[Any]]:
+    """Server-side schedules of the deployments `(flow_name, name)` that exist at PREFECT_API_URL."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    out: dict[str, list[Any]] = {}
+    with get_client(sync_client=True) as client:
+        for flow_name, name in names:
+            try:
+                out[name] = list(client.read_deployment_by_name(f"{flow_name}/{name}").schedules)
+            except ObjectNotFound:
+                continue
     return out

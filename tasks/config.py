@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,86 @@ class GateConfig(_Strict):
         return v
 
 
+# ---- schedules of the retrain/score deployments ------------------------------------------------------
+_INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SCHEDULE_HELP = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'off'"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One deployment schedule: a cron line in a time zone, an interval in seconds, or none."""
+
+    kind: Literal["cron", "interval", "off"]
+    value: str = ""  # the cron line, or the interval in seconds
+    timezone: str = "UTC"
+
+    def describe(self) -> str:
+        if self.kind == "cron":
+            return f"cron '{self.value}' {self.timezone}"
+        if self.kind == "interval":
+            return f"every {float(self.value):g} s"
+        return "no schedule"
+
+
+def check_timezone(name: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone '{name}' (use an IANA name such as UTC or Europe/Berlin)") from None
+    return name
+
+
+def parse_schedule(text: str | int | float, timezone: str = "UTC") -> ScheduleSpec:
+    """`text` as written in the config or on the command line; ValueError names what is wrong."""
+    raw = str(text).strip()
+    if raw.lower() in ("off", "none", "false"):
+        return ScheduleSpec("off")
+    match = _INTERVAL.match(raw.lower())
+    if match:
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+        if not 0 < seconds <= 366 * 86400:
+            raise ValueError(f"schedule interval '{raw}' must be more than 0 s and at most a year")
+        return ScheduleSpec("interval", f"{seconds:g}")
+    if len(raw.split()) == 5:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        check_timezone(timezone)
+        try:
+            CronSchedule(cron=raw, timezone=timezone)
+        except ValueError:
+            raise ValueError(f"invalid cron line '{raw}'") from None
+        return ScheduleSpec("cron", " ".join(raw.split()), timezone)
+    raise ValueError(f"schedule '{raw}' is neither {SCHEDULE_HELP}")
+
+
+class DeploymentSection(_Strict):
+    """Schedules of the `retrain` and `score` deployments. Unset: `torchcycle deploy` keeps the schedule the
+    server has (edited in the UI, say), or uses the default for a new deployment. Not part of the config hash."""
+
+    timezone: str = "UTC"  # of cron lines
+    retrain: str | int | float | None = None
+    score: str | int | float | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return check_timezone(v)
+
+    @model_validator(mode="after")
+    def _schedules(self) -> DeploymentSection:
+        for value in (self.retrain, self.score):
+            if value is not None:
+                parse_schedule(value, self.timezone)
+        return self
+
+    def schedule(self, which: Literal["retrain", "score"]) -> ScheduleSpec | None:
+        value = getattr(self, which)
+        return None if value is None else parse_schedule(value, self.timezone)
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # registered model name
     experiment: str = "torchcycle"  # MLflow experiment
@@ -143,6 +224,7 @@ class ExperimentConfig(_Strict):
     model: ModelSpec
     train: TrainSection = TrainSection()
     gate: GateConfig = GateConfig()
+    deployment: DeploymentSection = DeploymentSection()  # when it runs, not what it trains: outside the hash
 
     def flat_params(self) -> dict[str, str]:
         """The whole resolved config as dotted keys, for MLflow params."""
@@ -159,7 +241,7 @@ class ExperimentConfig(_Strict):
         return out
 
     def resolved(self) -> dict[str, Any]:
-        d = self.model_dump(mode="json")
+        d = self.model_dump(mode="json", exclude={"deployment"})
         d["model"] = {"kind": self.model.kind, **json.loads(json.dumps(self.model.params))}
         return d
 

@@ -31,10 +31,17 @@ class VersionRow:
     run_id: str
 
 
+def _missing(err: MlflowException) -> bool:
+    """The registry said "no such thing"; anything else (a refusal, a server fault) is not ours to hide."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def _registered(client, name: str):
     try:
         return client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as err:
+        if not _missing(err):
+            raise
         raise RegistryError(f"no registered model named '{name}'") from None
 
 
@@ -42,7 +49,9 @@ def _version(client, name: str, version: str):
     _registered(client, name)
     try:
         return client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as err:
+        if not _missing(err):
+            raise
         raise RegistryError(f"model '{name}' has no version {version}") from None
 
 
@@ -107,7 +116,9 @@ def rollback(client, name: str) -> tuple[str, str]:
 def _alias_target(client, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as err:
+        if not _missing(err):
+            raise
         return None
 
 

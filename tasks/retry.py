@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tasks.types import DataError
@@ -20,14 +21,43 @@ def retry_delays() -> list[float]:
     return [float(v) for v in raw.split(",")] if raw else list(IO_RETRY_DELAYS)
 
 
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of a server's answer carried by an MLflow or Prefect (httpx) error, else None."""
+    response = getattr(err, "response", None)  # httpx.HTTPStatusError, PrefectHTTPStatusError
+    if response is not None and isinstance(getattr(response, "status_code", None), int):
+        return int(response.status_code)
+    get_status = getattr(err, "get_http_status_code", None)  # MlflowException / RestException
+    if callable(get_status):
+        try:
+            return int(get_status())
+        except Exception:
+            return None
+    return None
+
+
+def server_refusal(err: BaseException) -> str | None:
+    """The server's own message when it refused the request (a 4xx but 408/429): a retry gets the
+    same answer, so callers report it at once. None for anything else (connection errors, 5xx)."""
+    status = http_status(err)
+    if status is None or not 400 <= status < 500 or status in (408, 429):
+        return None
+    response = getattr(err, "response", None)
+    text = str(getattr(response, "text", "") or "") if response is not None else str(getattr(err, "message", err))
+    # MLflow wraps a non-JSON answer as "API request to ... failed with error code 403 != 200. Response body: '...'"
+    body = re.search(r"Response body: '(.*)'", text, re.S)
+    text = body.group(1) if body else text
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "") or type(err).__name__
+    return f"{status}: {first[:300]}"
+
+
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: False for input errors, True for everything else."""
+    """Prefect `retry_condition_fn`: False for input errors and server refusals, True for the rest."""
     try:
         state.result()
     except NOT_TRANSIENT:
         return False
-    except Exception:
-        return True
+    except Exception as err:
+        return server_refusal(err) is None
     return True
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, config_from_dict, load_config
+from tasks.config import ConfigError, config_from_dict, load_config, parse_schedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,3 +91,59 @@ def test_config_hash_tracks_content() -> None:
     assert a.config_hash() != config_from_dict(BASE, ["seed=1"]).config_hash()
     params = a.flat_params()
     assert params["model.kind"] == "mlp" and params["data.source"] == "sklearn:iris" and "train.lr" in params
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value", "described"),
+    [
+        ("0 2 * * *", "cron", "0 2 * * *", "cron '0 2 * * *' UTC"),
+        ("  0  2 * * 1-5 ", "cron", "0 2 * * 1-5", "cron '0 2 * * 1-5' UTC"),
+        ("90", "interval", "90", "every 90 s"),
+        (3600, "interval", "3600", "every 3600 s"),
+        ("30s", "interval", "30", "every 30 s"),
+        ("15m", "interval", "900", "every 900 s"),
+        ("1.5h", "interval", "5400", "every 5400 s"),
+        ("1d", "interval", "86400", "every 86400 s"),
+        ("off", "off", "", "no schedule"),
+        (False, "off", "", "no schedule"),  # YAML reads a bare `off` as false
+    ],
+)
+def test_schedules_parse_cron_intervals_and_off(text, kind: str, value: str, described: str) -> None:
+    spec = parse_schedule(text)
+    assert (spec.kind, spec.value, spec.describe()) == (kind, value, described)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("every tuesday", "is neither a cron line"),
+        ("0 2 * *", "is neither a cron line"),
+        ("61 2 * * *", "invalid cron line"),
+        ("0s", "more than 0 s"),
+        ("400d", "at most a year"),
+        ("-5m", "is neither"),
+        ("", "is neither"),
+    ],
+)
+def test_bad_schedules_name_the_problem(text: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        parse_schedule(text)
+
+
+def test_deployment_section_is_validated_and_outside_the_config_hash() -> None:
+    cfg = config_from_dict(
+        {**BASE, "deployment": {"timezone": "Europe/Berlin", "retrain": "0 3 * * *", "score": "off"}}
+    )
+    assert cfg.deployment.schedule("retrain").describe() == "cron '0 3 * * *' Europe/Berlin"
+    assert cfg.deployment.schedule("score").kind == "off"
+    assert config_from_dict(BASE).deployment.schedule("retrain") is None  # unset: deploy keeps the server's
+    # when it runs is not what it trains: the hash (stage cache, "nothing new" check) ignores it
+    assert cfg.config_hash() == config_from_dict(BASE).config_hash()
+    assert not any(k.startswith("deployment") for k in cfg.flat_params())
+    for bad, needle in (
+        ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ({"score": "whenever"}, "deployment: schedule 'whenever' is neither"),
+        ({"retrain": "0 3 * * *", "every": "1h"}, "deployment.every: unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            config_from_dict({**BASE, "deployment": bad})

@@ -63,44 +63,58 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, OutOfMemory)
 
 
-def _tracking_failure(err: BaseException) -> str | None:
-    """A message when `err` is the tracking server being unreachable or failing, else None."""
+def _tracking_failure(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) when `err` is a server refusing (2) or unreachable/failing (3), else None."""
+    import httpx
     import requests
     from mlflow.exceptions import MlflowException
 
+    from tasks.retry import server_refusal
     from tasks.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return None
-    if isinstance(err, MlflowException | requests.exceptions.RequestException | ConnectionError):
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    remote = uri.startswith(("http://", "https://"))
+    refusal = server_refusal(err)
+    if refusal and isinstance(err, httpx.HTTPStatusError):
+        return f"the Prefect server refused the request ({refusal}); check PREFECT_API_AUTH_STRING", EXIT_BAD_INPUT
+    if refusal and remote:
+        hint = " (check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)" if refusal.startswith("401") else ""
+        return f"the MLflow server at {uri} refused the request ({refusal}){hint}", EXIT_BAD_INPUT
+    if isinstance(err, httpx.TransportError):
+        return f"the Prefect server is unreachable ({_first_line(err)}); try again later", EXIT_SERVICE_DOWN
+    if remote and isinstance(err, MlflowException | requests.exceptions.RequestException | ConnectionError):
         return (
-            f"the MLflow tracking server at {uri} is unreachable or failing, after retries ({first}). "
-            "Nothing trained is lost: run the same command again to resume from the last checkpoint."
+            f"the MLflow tracking server at {uri} is unreachable or failing, after retries ({_first_line(err)}). "
+            "Nothing trained is lost: run the same command again to resume from the last checkpoint.",
+            EXIT_SERVICE_DOWN,
         )
     return None
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def _service_errors():
-    """The tracking server down (after the tasks' retries): one clear line and exit code 3."""
+    """A server refusing us (exit 2, its own message) or down after the tasks' retries (exit 3): one line."""
     try:
         yield
     except Exception as err:
-        message = _tracking_failure(err)
-        if message is None:
+        found = _tracking_failure(err)
+        if found is None:
             raise
-        raise _fail(message, EXIT_SERVICE_DOWN) from None
+        raise _fail(*found) from None
 
 
 def _preflight(cfg) -> None:
     """Checks that need no flow run: fail in milliseconds, not after starting Prefect."""
-    from tasks.config import ConfigError
+    from tasks.ingest import find_inputs
 
     scheme, _, path = cfg.data.source.partition(":")
-    if scheme == "file" and not Path(path).exists():
-        raise ConfigError(f"input file not found: {path}")
+    if scheme == "file":
+        find_inputs(path)  # a file, a directory or a glob of CSV/Parquet; DataError when there is none
 
 
 @app.command()
@@ -196,7 +210,8 @@ def predict(
 ) -> None:
     """Batch-score files with a registered model into Parquet (written atomically)."""
     _setup_env()
-    from tasks.scoring import ModelRef, find_inputs
+    from tasks.ingest import find_inputs
+    from tasks.scoring import ModelRef
 
     try:
         ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
@@ -309,12 +324,17 @@ def models_cmd(
     name: Annotated[str | None, typer.Argument(help="Registered model; all models when left out.")] = None,
 ) -> None:
     """A table of registered models, or of one model's versions with aliases and gate status."""
+    client = _client()
+    with _service_errors():
+        _models_table(client, name)
+
+
+def _models_table(client, name: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from tasks import registry
 
-    client = _client()
     try:
         if name is None:
             names = registry.list_models(client)
@@ -344,7 +364,8 @@ def promote_cmd(
     from tasks import registry
 
     try:
-        previous = registry.promote(_client(), name, version, alias)
+        with _service_errors():
+            previous = registry.promote(_client(), name, version, alias)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"{name}@{alias}: v{previous or '-'} -> v{version}")
@@ -356,16 +377,49 @@ def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name
     from tasks import registry
 
     try:
-        old, new = registry.rollback(_client(), name)
+        with _service_errors():
+            old, new = registry.rollback(_client(), name)
     except _bad_input_errors() as err:
         raise _fail(str(err)) from None
     typer.echo(f"{name}@champion: v{old or '-'} -> v{new}")
 
 
-_DeployConfig = Annotated[str, typer.Option("--config", help="Config the nightly retrain trains.")]
-_ScoreModel = Annotated[str, typer.Option("--model", help="Model the hourly scoring uses.")]
-_ScoreIn = Annotated[str, typer.Option("--score-input", help="Directory/glob scored hourly.")]
+_DeployConfig = Annotated[str, typer.Option("--config", help="Config to retrain (and its deployment: section).")]
+_ScoreModel = Annotated[str, typer.Option("--model", help="Model the scheduled scoring uses.")]
+_ScoreIn = Annotated[str, typer.Option("--score-input", help="Directory/glob scored on the schedule.")]
 _ScoreOut = Annotated[str, typer.Option("--score-output", help="Directory for scored files.")]
+_Schedule = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'off'"
+_RetrainSchedule = Annotated[str | None, typer.Option("--retrain-schedule", help=f"When to retrain: {_Schedule}.")]
+_ScoreSchedule = Annotated[str | None, typer.Option("--score-schedule", help=f"When to score: {_Schedule}.")]
+_Timezone = Annotated[str | None, typer.Option("--timezone", help="Time zone of cron lines (default UTC).")]
+
+
+def _deployment_specs(config: str, source: Path, model: str, score_input: str, score_output: str, schedules, tz):
+    """The two deployments with their schedules: options > the config's deployment: section > unset.
+    Bad options or config: one error line, exit 2."""
+    from flows.deployments import default_specs
+    from tasks.config import check_timezone, load_config, parse_schedule
+
+    local = Path(config) if Path(config).is_absolute() else source / config
+    try:
+        section = load_config(local).deployment if local.is_file() else None
+        zone = check_timezone(tz) if tz else (section.timezone if section else "UTC")
+        chosen = {
+            which: parse_schedule(text, zone) if text is not None else (section.schedule(which) if section else None)
+            for which, text in schedules.items()
+        }
+    except ValueError as err:  # ConfigError too
+        raise _fail(str(err)) from None
+    return default_specs(config, model, score_input, score_output, chosen)
+
+
+def _with_server_schedules(specs):
+    """Fill unset schedules from the server (or defaults); (specs, what changes, server schedules)."""
+    from flows.deployments import read_existing, resolve_schedules
+
+    existing = read_existing(tuple((s.flow_name, s.name) for s in specs))
+    specs, changes = resolve_schedules(specs, existing)
+    return specs, changes, existing
 
 
 @app.command()
@@ -376,28 +430,39 @@ def deploy(
     model: _ScoreModel = "digits-cnn",
     score_input: _ScoreIn = "data/incoming",
     score_output: _ScoreOut = "data/scored",
+    retrain_schedule: _RetrainSchedule = None,
+    score_schedule: _ScoreSchedule = None,
+    timezone: _Timezone = None,
 ) -> None:
-    """Register the `retrain` (nightly) and `score` (hourly) deployments with the Prefect server."""
+    """Register the `retrain` and `score` deployments with the Prefect server, and say what changed.
+
+    A schedule not given here or in the config's deployment: section stays as the server has it (edited
+    in the UI, say); a new deployment gets the default (retrain 02:00 UTC nightly, score hourly)."""
     _setup_env()
-    from prefect import deploy as prefect_deploy
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise _fail("PREFECT_API_URL is not set: point it at your Prefect server (e.g. http://127.0.0.1:4200/api)")
-    from flows.deployments import default_specs, runner_deployments
+    schedules = {"retrain": retrain_schedule, "score": score_schedule}
+    specs = _deployment_specs(config, source, model, score_input, score_output, schedules, timezone)
+    from prefect import deploy as prefect_deploy
 
-    _ensure_process_pool(pool)
-    specs = default_specs(config, model, score_input, score_output)
-    ids = prefect_deploy(
-        *runner_deployments(specs, source=str(source.resolve())),
-        work_pool_name=pool,
-        build=False,
-        push=False,
-        print_next_steps_message=False,
-    )
-    for spec in specs:
-        typer.echo(f"deployed {spec.flow_name}/{spec.name}  cron '{spec.cron}' UTC  on pool {pool}")
-    typer.echo(f"{len(ids)} deployment(s); start a worker: prefect worker start --pool {pool} --type process")
+    from flows.deployments import runner_deployments
+
+    with _service_errors():
+        _ensure_process_pool(pool)
+        specs, changes, existing = _with_server_schedules(specs)
+        prefect_deploy(
+            *runner_deployments(specs, source=str(source.resolve()), existing=existing),
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps_message=False,
+            ignore_warnings=True,  # its advice (serve instead) does not apply: the worker runs them
+        )
+    for line in changes:
+        typer.echo(f"deployed {line}")
+    typer.echo(f"pool {pool}: start a worker with  prefect worker start --pool {pool} --type process")
 
 
 def _ensure_process_pool(pool: str) -> None:
@@ -416,14 +481,49 @@ def serve(
     model: _ScoreModel = "digits-cnn",
     score_input: _ScoreIn = "data/incoming",
     score_output: _ScoreOut = "data/scored",
+    retrain_schedule: _RetrainSchedule = None,
+    score_schedule: _ScoreSchedule = None,
+    timezone: _Timezone = None,
+    port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
 ) -> None:
-    """Serve both deployments in this process on their schedules (one machine, no worker). Ctrl-C stops."""
+    """Run both deployments on their schedules in this process (one machine, no worker). Ctrl-C stops.
+
+    With PREFECT_API_URL set, that server schedules them; without, a local Prefect server is started
+    for this command's lifetime (its UI on --port) and stopped when it ends."""
     _setup_env()
+    from prefect.settings import PREFECT_API_URL
+
+    schedules = {"retrain": retrain_schedule, "score": score_schedule}
+    specs = _deployment_specs(config, Path("."), model, score_input, score_output, schedules, timezone)
+    with contextlib.ExitStack() as stack:
+        if not PREFECT_API_URL.value():
+            from torchcycle.local_server import local_prefect_server
+
+            try:
+                url = stack.enter_context(local_prefect_server(port))
+            except RuntimeError as err:
+                raise _fail(str(err), EXIT_SERVICE_DOWN) from None
+            typer.echo(f"prefect server {url} (started for this command; UI on http://127.0.0.1:{port})")
+        _serve(specs)
+
+
+def _serve(specs) -> None:
+    import signal
+
     from prefect import serve as prefect_serve
 
-    from flows.deployments import default_specs, runner_deployments
+    from flows.deployments import runner_deployments
 
-    prefect_serve(*runner_deployments(default_specs(config, model, score_input, score_output)))
+    def stop(signum, frame):  # SIGTERM (docker stop, kill): unwind like Ctrl-C, so the server is stopped
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with _service_errors():
+        specs, changes, existing = _with_server_schedules(specs)
+    for line in changes:
+        typer.echo(f"serving {line}")
+    with contextlib.suppress(KeyboardInterrupt):
+        prefect_serve(*runner_deployments(specs, existing=existing))
 
 
 def main() -> None:

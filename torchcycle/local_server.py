@@ -1,0 +1,95 @@
+"""A real Prefect server for one command's lifetime (`torchcycle serve` with no PREFECT_API_URL).
+
+Prefect's own fallback, a temporary in-process API, runs no scheduler service: schedules served against it
+never fire. This starts `prefect server start` (its scheduler included) on loopback, points this process
+and its children at it, and stops it when the command ends, also when the command is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+START_TIMEOUT_S = 180.0  # a cold start on a busy 2-core machine takes 20-60 s (migrations, imports)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the server gets SIGTERM when this process dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def local_prefect_server(port: int, log_path: Path | None = None) -> Iterator[str]:
+    """Start the server on 127.0.0.1:`port`, yield its API URL (also set as PREFECT_API_URL), stop it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if _port_in_use(port):
+        raise RuntimeError(
+            f"port {port} is in use: if a Prefect server runs there, set PREFECT_API_URL=http://127.0.0.1:{port}/api "
+            "to use it; else choose another --port"
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = log_path or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "serve-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local Prefect server did not start; its log: {log_path}")
+            time.sleep(0.5)
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url  # flow-run subprocesses inherit it
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the CLI and its uvicorn child); SIGKILL after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,4 +1,5 @@
-# The worker image: the project installed with its tested, pinned set; flows run from /app.
+# The project image (worker and Prefect server): the project installed with its tested, pinned set;
+# flows run from /app as an unprivileged user.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
@@ -7,6 +8,12 @@ COPY flows flows
 COPY tasks tasks
 COPY models models
 COPY configs configs
-RUN pip install --no-cache-dir -c constraints.txt -e .
+COPY docker/healthcheck.py docker/healthcheck.py
+RUN pip install --no-cache-dir -c constraints.txt -e '.[server]' \
+    && useradd --create-home --uid 10001 app \
+    && mkdir -p data/incoming data/scored data/training cache checkpoints \
+    && chown -R app:app /app
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false
-CMD ["prefect", "worker", "start", "--pool", "torchcycle", "--type", "process"]
+# A named volume mounted on /app/data starts as a copy of this folder: incoming/ exists and belongs to app.
+USER app
+CMD ["prefect", "worker", "start", "--pool", "torchcycle", "--type", "process", "--with-healthcheck"]

@@ -1,14 +1,20 @@
-"""The production stack, natively: PostgreSQL-backed MLflow and Prefect servers, deployments run by a worker.
+"""The production stack as users run it: docker-compose.yml's services, natively, by their service names.
 
-No Docker engine runs here, so the services run the commands docker-compose.yml gives them (read from the
-file, with hosts, ports and database URLs swapped for loopback ones) against the machine's PostgreSQL on
-127.0.0.1:5432, in throwaway databases.
+No Docker engine runs here, so each service runs the command and environment docker-compose.yml gives it,
+rendered with a .env as a user writes one. Every process runs in its own mount namespace whose /etc/hosts
+maps the service names (mlflow, prefect-server, postgres) to 127.0.0.1, so the URLs in the compose file are
+used as written; only ports (free loopback ones), database names (throwaway ones) and paths are swapped.
+Nothing is triggered by hand: the Prefect server's scheduler creates every flow run.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,325 +30,582 @@ import yaml
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, os.environ.get("TORCHCYCLE_TEST_PGUSER", "postgres")
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+PG_USER = os.environ.get("TORCHCYCLE_TEST_PGUSER", "postgres")
 MODEL = "prod-test"
 POOL = "tc-test"
+SECRETS = {
+    "POSTGRES_USER": PG_USER,  # trust auth on loopback: the password is carried but not checked
+    "POSTGRES_PASSWORD": "pg-secret-for-tests",
+    "MLFLOW_TRACKING_USERNAME": "admin",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-for-tests",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-secret-for-tests",
+    "PREFECT_API_AUTH_STRING": "admin:prefect-secret-for-tests",
+}
+SERVICE_NAMES = ("mlflow", "prefect-server", "postgres", "not-allowed")  # the last: a host MLflow must refuse
 
 
-# ---- docker-compose.yml, structurally ----------------------------------------------------------------
-def test_compose_services_healthchecks_and_dependencies() -> None:
-    services = COMPOSE["services"]
+# ---- docker compose's variable interpolation, for .env files -------------------------------------------
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+class MissingVariable(ValueError):
+    pass
+
+
+def render(text: str, env: dict[str, str]) -> str:
+    """${VAR}, ${VAR:-default}, ${VAR:?error} and $$ as docker compose reads them."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        if op and op.startswith(":") and not value:
+            value = None
+        if value is None and op and op.endswith("?"):
+            raise MissingVariable(f"{name}: {arg}")
+        if value is None and op and op.endswith("-"):
+            return arg
+        return value or ""
+
+    return _VAR.sub(sub, text)
+
+
+def dotenv(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v or "" for k, v in dotenv_values(path).items()}
+
+
+def compose(env: dict[str, str]) -> dict:
+    return yaml.safe_load(render(COMPOSE_TEXT, env))
+
+
+def user_env() -> dict[str, str]:
+    return {**dotenv(ROOT / ".env.example"), **SECRETS}
+
+
+# ---- docker-compose.yml, structurally --------------------------------------------------------------------
+def test_env_example_fails_until_every_secret_is_set() -> None:
+    example = dotenv(ROOT / ".env.example")
+    with pytest.raises(MissingVariable):
+        compose(example)
+    for name in (
+        "POSTGRES_PASSWORD",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "PREFECT_API_AUTH_STRING",
+    ):
+        assert example[name] == "", f"{name} has a value in .env.example"
+        with pytest.raises(MissingVariable, match=name):
+            compose({**user_env(), name: ""})
+    assert compose(user_env())["services"]  # all set: it renders
+
+
+def test_compose_is_closed_by_default() -> None:
+    services = compose(user_env())["services"]
     assert set(services) == {"postgres", "mlflow", "prefect-server", "worker"}
-    for name in ("postgres", "mlflow", "prefect-server"):
-        assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
-    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
-    assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
-    assert services["mlflow"]["build"]["dockerfile"] == "mlflow/Dockerfile"
-    assert (ROOT / "mlflow" / "Dockerfile").is_file() and not (ROOT / "mlflow" / "__init__.py").exists()
+    for name, svc in services.items():
+        assert svc["healthcheck"]["test"], f"{name} has no healthcheck"
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+    assert "ports" not in services["postgres"] and "ports" not in services["worker"]
+    assert compose({**user_env(), "BIND_ADDRESS": "0.0.0.0"})["services"]["mlflow"]["ports"][0].startswith("0.0.0.0:")
     for name in ("mlflow", "prefect-server", "worker"):
         for dep, cond in services[name]["depends_on"].items():
             assert cond == {"condition": "service_healthy"}, f"{name} -> {dep}"
-    assert set(services["worker"]["depends_on"]) == {"mlflow", "prefect-server"}
-    assert "ports" not in services["postgres"], "PostgreSQL must not be published on the host"
-    assert "pgdata" in COMPOSE["volumes"] and "mlartifacts" in COMPOSE["volumes"]
     mlflow_cmd = services["mlflow"]["command"]
-    assert "--serve-artifacts" in mlflow_cmd and _flag(mlflow_cmd, "--backend-store-uri").startswith("postgresql://")
-    db_url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert db_url.startswith("postgresql+asyncpg://")
-    worker = " ".join(services["worker"]["command"])
-    assert "torchcycle deploy" in worker and "prefect worker start" in worker and "--type process" in worker
-
-
-def test_compose_has_no_literal_secrets() -> None:
-    text = (ROOT / "docker-compose.yml").read_text()
-    # every credential is a ${VAR} reference, filled from .env
-    for m in re.finditer(r"(?i)(password|secret|token)[\w]*\s*:\s*(\S+)", text):
-        assert m.group(2).startswith("${"), f"literal secret: {m.group(0)}"
-    for creds in re.findall(r"postgresql\S*://(\S+)@", text):
-        # user:password in a database URL: only ${...} references may appear there
-        assert re.sub(r"\$\{[^}]*\}", "", creds) in ("", ":"), creds
+    assert mlflow_cmd[mlflow_cmd.index("--app-name") + 1] == "basic-auth"
+    assert "mlflow:*" in mlflow_cmd[mlflow_cmd.index("--allowed-hosts") + 1].split(",")
+    # no secret on any command line (ps, docker inspect): each one appears only as an environment value
+    for name, svc in services.items():
+        command = " ".join(svc.get("command") or [])
+        for secret in SECRETS.values():
+            if secret != PG_USER:
+                assert secret not in command, f"a secret is on {name}'s command line"
+    for dockerfile in ("Dockerfile", "mlflow/Dockerfile"):
+        text = (ROOT / dockerfile).read_text()
+        assert re.search(r"^USER (?!root)\w+", text, re.M), f"{dockerfile} runs as root"
+        assert "-c " in text and "constraints.txt" in text, f"{dockerfile} ignores the pinned set"
+    assert not (ROOT / "mlflow" / "__init__.py").exists()
     assert ".env" in (ROOT / ".gitignore").read_text().split()
-    example = (ROOT / ".env.example").read_text()
-    assert "POSTGRES_PASSWORD=" in example
 
 
-def _flag(cmd: list[str], flag: str) -> str:
-    return str(cmd[cmd.index(flag) + 1])
-
-
-def _with_flags(cmd: list[str], values: dict[str, str]) -> list[str]:
-    """The compose command with some flag values swapped (hosts, ports, URLs)."""
-    out = [str(c) for c in cmd]
-    for flag, value in values.items():
-        out[out.index(flag) + 1] = value
-    return out
-
-
-# ---- the services, natively on PostgreSQL ------------------------------------------------------------
-def _pg_problem() -> str | None:
-    try:
-        import psycopg
-
-        psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=3).close()
-    except Exception as err:
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    return None
-
-
-def _admin(sql: str) -> None:
+# ---- the services, natively, by name ------------------------------------------------------------------------
+def _psql(sql: str) -> None:
     import psycopg
 
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
+    with psycopg.connect(host="127.0.0.1", port=5432, user=PG_USER, dbname="postgres", autocommit=True) as conn:
         conn.execute(sql)
 
 
 @pytest.fixture(scope="module")
 def databases() -> Iterator[dict[str, str]]:
-    problem = _pg_problem()
-    if problem:
-        message = f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} as {PG_USER} ({problem}); .ci/run starts it"
+    try:
+        _psql("SELECT 1")
+    except Exception as err:
+        message = f"PostgreSQL not reachable at 127.0.0.1:5432 as {PG_USER} ({type(err).__name__}); .ci/run starts it"
         if os.environ.get("CI"):
             pytest.fail(message)  # CI must run the production path, not skip it
         pytest.skip(message)
     suffix = uuid.uuid4().hex[:8]
     names = {"mlflow": f"tc_mlflow_{suffix}", "prefect": f"tc_prefect_{suffix}"}
     for db in names.values():
-        _admin(f"CREATE DATABASE {db}")
+        _psql(f"CREATE DATABASE {db}")
     yield names
     for db in names.values():
-        _admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=3).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} not healthy after {timeout} s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # mlflow/prefect/torchcycle scripts of this venv
-    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
-    return env
-
-
-class Procs:
-    def __init__(self, logs: Path) -> None:
-        self.logs, self.procs = logs, []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{name}.log"
-        with open(log, "ab") as fh:
-            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc, log
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")
-def stack(databases: dict[str, str], tmp_path_factory) -> Iterator[dict]:
-    """MLflow server and Prefect server with the compose file's commands, on loopback ports."""
-    tmp = tmp_path_factory.mktemp("stack")
-    procs = Procs(tmp)
-    services = COMPOSE["services"]
-    ml_port, pf_port = free_port(), free_port()
-    pg = f"{PG_USER}@{PG_HOST}:{PG_PORT}"
-    mlflow_cmd = _with_flags(
-        services["mlflow"]["command"],
-        {
-            "--backend-store-uri": f"postgresql://{pg}/{databases['mlflow']}",
-            "--artifacts-destination": str(tmp / "mlartifacts"),
-            "--host": "127.0.0.1",
-            "--port": str(ml_port),
-        },
-    )
-    prefect_cmd = _with_flags(services["prefect-server"]["command"], {"--host": "127.0.0.1", "--port": str(pf_port)})
-    prefect_env = _env(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://{pg}/{databases['prefect']}",
-        PREFECT_HOME=str(tmp / "prefect-server-home"),
-        PREFECT_UI_ENABLED="false",
-    )
-    try:
-        ml, ml_log = procs.start("mlflow", mlflow_cmd, _env())
-        pf, pf_log = procs.start("prefect-server", prefect_cmd, prefect_env)
-        _wait_http(f"http://127.0.0.1:{ml_port}/health", ml, ml_log)
-        _wait_http(f"http://127.0.0.1:{pf_port}/api/health", pf, pf_log)
-        yield {
-            "mlflow": f"http://127.0.0.1:{ml_port}",
-            "prefect": f"http://127.0.0.1:{pf_port}/api",
-            "tmp": tmp,
-            "procs": procs,
+def hosts_file(tmp_path_factory) -> Path:
+    """/etc/hosts plus the service names, for the mount namespace every process below runs in."""
+    path = tmp_path_factory.mktemp("hosts") / "hosts"
+    path.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {' '.join(SERVICE_NAMES)}\n")
+    probe = _in_namespace(path, [sys.executable, "-c", "import socket; socket.gethostbyname('prefect-server')"])
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        message = f"cannot give processes their own /etc/hosts (unshare -m): {done.stderr.strip()[-300:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _in_namespace(hosts: Path, cmd: list[str]) -> list[str]:
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts), *cmd]
+
+
+class Stack:
+    """The compose services' processes; logs in `tmp`."""
+
+    def __init__(self, tmp: Path, hosts: Path, env: dict[str, str]) -> None:
+        self.tmp, self.hosts, self.env, self.procs = tmp, hosts, env, {}
+        self.services = compose(env)["services"]
+        self.ports = {"mlflow": free_port(), "prefect-server": free_port(), "worker": free_port()}
+
+    def proc_env(self, service: str, **extra: str) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)  # mlflow/prefect/torchcycle scripts of this venv
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+        env.update({k: str(v) for k, v in (self.services[service].get("environment") or {}).items()})
+        env.update(PREFECT_HOME=str(self.tmp / f"{service}-home"), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+        env.update(self.urls())
+        env.update(extra)
+        return env
+
+    def urls(self) -> dict[str, str]:
+        """The compose file's service URLs with this run's ports."""
+        return {
+            "PREFECT_API_URL": f"http://prefect-server:{self.ports['prefect-server']}/api",
+            "MLFLOW_TRACKING_URI": f"http://mlflow:{self.ports['mlflow']}",
         }
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(_in_namespace(self.hosts, cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def run(self, cmd: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            _in_namespace(self.hosts, cmd), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def _swap(cmd: list[str], values: dict[str, str]) -> list[str]:
+    out = [str(c) for c in cmd]
+    for flag, value in values.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def _wait(what: str, check, timeout: float, logs=lambda: "", procs: dict | None = None) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        dead = [name for name, proc in (procs or {}).items() if proc.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            if dead:
+                raise AssertionError(f"{what}: {', '.join(dead)} exited\n{logs()}")
+            raise AssertionError(f"{what}: not within {timeout} s\n{logs()}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def stack(databases: dict[str, str], hosts_file: Path, tmp_path_factory) -> Iterator[Stack]:
+    """MLflow and Prefect servers with the compose file's commands and environment."""
+    tmp = tmp_path_factory.mktemp("stack")
+    st = Stack(tmp, hosts_file, user_env())
+    ml, pf = st.services["mlflow"], st.services["prefect-server"]
+    auth_ini = tmp / "basic_auth.ini"  # the shipped file, with its SQLite user store moved off /mlauth
+    auth_ini.write_text((ROOT / "mlflow" / "basic_auth.ini").read_text().replace("/mlauth/", f"{tmp}/"))
+    ml_env = st.proc_env(
+        "mlflow",
+        MLFLOW_BACKEND_STORE_URI=ml["environment"]["MLFLOW_BACKEND_STORE_URI"].replace(
+            "/mlflow", f"/{databases['mlflow']}"
+        ),
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+    )
+    ml_cmd = _swap(ml["command"], {"--artifacts-destination": str(tmp / "mlartifacts"), "--host": "127.0.0.1"})
+    pf_env = st.proc_env(
+        "prefect-server",
+        PREFECT_API_DATABASE_CONNECTION_URL=pf["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].replace(
+            "/prefect", f"/{databases['prefect']}"
+        ),
+        PREFECT_UI_ENABLED="false",
+        # The scheduler's pass runs every 60 s by default; 5 s keeps the suite short (it still fires by itself).
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+    )
+    pf_cmd = _swap(pf["command"], {"--host": "127.0.0.1"})
+    try:
+        st.start("mlflow", _swap(ml_cmd, {"--port": str(st.ports["mlflow"])}), ml_env)
+        st.start("prefect-server", _swap(pf_cmd, {"--port": str(st.ports["prefect-server"])}), pf_env)
+        for service in ("mlflow", "prefect-server"):  # the compose healthchecks, by name and credentials
+            check = [str(c) for c in st.services[service]["healthcheck"]["test"][1:]]
+            check = [_local_path(c) for c in check]
+            check[-1] = check[-1].replace(f"{service}:{5000 if service == 'mlflow' else 4200}", _host(st, service))
+            env = ml_env if service == "mlflow" else pf_env
+            _wait(
+                f"{service} healthcheck",
+                lambda check=check, env=env: st.run(check, env, timeout=30).returncode == 0,
+                240,
+                lambda service=service: st.log(service),
+                st.procs,
+            )
+        yield st
     finally:
-        procs.stop_all()
+        st.stop_all()
 
 
-def _client_env(stack: dict) -> dict[str, str]:
-    return _env(
-        PREFECT_API_URL=stack["prefect"],
-        MLFLOW_TRACKING_URI=stack["mlflow"],
-        PREFECT_HOME=str(stack["tmp"] / "client-home"),
-        PREFECT_WORKER_QUERY_SECONDS="2",
-        PREFECT_RUNNER_POLL_FREQUENCY="2",
+def _local_path(arg: str) -> str:
+    """Paths inside the images -> this checkout (the healthcheck script)."""
+    for image_path in ("/etc/mlflow/healthcheck.py", "/app/docker/healthcheck.py"):
+        if arg == image_path:
+            return str(ROOT / "docker" / "healthcheck.py")
+    return sys.executable if arg == "python" else arg
+
+
+def _host(st: Stack, service: str) -> str:
+    return f"{service}:{st.ports[service]}"
+
+
+def _login(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _mlflow(st: Stack, path: str, **params) -> httpx.Response:
+    """An MLflow REST call as the worker makes it: Host mlflow:PORT, the admin login from .env."""
+    return httpx.get(
+        f"http://127.0.0.1:{st.ports['mlflow']}/api/2.0/mlflow/{path}",
+        params=params,
+        headers={
+            "Host": _host(st, "mlflow"),
+            **_login(SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"]),
+        },
+        timeout=30,
     )
 
 
-def _run_deployment(stack: dict, name: str, parameters: dict | None = None, timeout: float = 300) -> dict:
-    """Create a flow run of a deployment through the Prefect REST API and wait for a final state."""
-    api = stack["prefect"]
-    dep = httpx.get(f"{api}/deployments/name/{name}", timeout=30)
-    dep.raise_for_status()
-    body = {"parameters": parameters or {}}
-    run = httpx.post(f"{api}/deployments/{dep.json()['id']}/create_flow_run", json=body, timeout=30)
-    run.raise_for_status()
-    run_id = run.json()["id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]
-        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return {"id": run_id, "state": state}
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} of {name} not finished after {timeout} s")
+def _prefect(st: Stack, method: str, path: str, **kwargs) -> httpx.Response:
+    user, _, password = SECRETS["PREFECT_API_AUTH_STRING"].partition(":")
+    url = f"http://127.0.0.1:{st.ports['prefect-server']}/api{path}"
+    return httpx.request(method, url, headers=_login(user, password), timeout=30, **kwargs)
 
 
-def _mlflow(stack: dict, path: str, **params) -> dict:
-    resp = httpx.get(f"{stack['mlflow']}/api/2.0/mlflow/{path}", params=params, timeout=30)
-    resp.raise_for_status()
-    return resp.json()
+def test_mlflow_answers_its_service_name_and_only_with_credentials(stack: Stack) -> None:
+    base = f"http://127.0.0.1:{stack.ports['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _mlflow(stack, "experiments/search", max_results=1).status_code == 200
+    assert httpx.get(base, headers={"Host": _host(stack, "mlflow")}, timeout=30).status_code == 401
+    wrong = _login("admin", "wrong")
+    assert httpx.get(base, headers={"Host": _host(stack, "mlflow"), **wrong}, timeout=30).status_code == 401
+    refused = httpx.get(base, headers={"Host": f"not-allowed:{stack.ports['mlflow']}"}, timeout=30)
+    assert refused.status_code == 403 and "Host" in refused.text
+    # Prefect: the auth string or 401; /api/health stays open for probes
+    assert _prefect(stack, "GET", "/admin/version").status_code == 200
+    no_auth = httpx.get(f"http://127.0.0.1:{stack.ports['prefect-server']}/api/admin/version", timeout=30)
+    assert no_auth.status_code == 401
 
 
-def _score_input(path: Path, n: int, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("uri_host", "password", "fragment"),
+    [
+        ("not-allowed", SECRETS["MLFLOW_TRACKING_PASSWORD"], "refused the request (403: Invalid Host header"),
+        ("mlflow", "wrong-password", "refused the request (401"),
+    ],
+)
+def test_cli_refused_by_mlflow_says_so_in_one_line(stack: Stack, uri_host: str, password: str, fragment: str) -> None:
+    env = stack.proc_env(
+        "worker", MLFLOW_TRACKING_URI=f"http://{uri_host}:{stack.ports['mlflow']}", MLFLOW_TRACKING_PASSWORD=password
+    )
+    for cmd in (["torchcycle", "models"], ["torchcycle", "promote", MODEL, "1"]):
+        done = stack.run(cmd, env, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+
+
+def _wine(n: int, seed: int, with_target: bool = True) -> pd.DataFrame:
     from sklearn.datasets import load_wine
 
-    frame = load_wine(as_frame=True).frame.drop(columns=["target"]).sample(n, random_state=seed, replace=True)
-    frame.insert(0, "row_id", np.arange(n))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
+    frame = load_wine(as_frame=True).frame.sample(n, random_state=seed, replace=True).reset_index(drop=True)
+    return frame if with_target else frame.drop(columns=["target"]).assign(row_id=np.arange(n))
 
 
-def _retrain_config(tmp: Path) -> Path:
+def _flow_runs(st: Stack, deployment: str) -> list[dict]:
+    resp = _prefect(st, "GET", f"/deployments/name/{deployment}")
+    if resp.status_code == 404:  # not deployed yet
+        return []
+    dep = resp.json()
+    body = {"deployments": {"id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return _prefect(st, "POST", "/flow_runs/filter", json=body).json()
+
+
+def _logs(st: Stack, run_ids: list[str]) -> str:
+    body = {"logs": {"flow_run_id": {"any_": run_ids}}, "limit": 200}
+    return "\n".join(entry["message"] for entry in _prefect(st, "POST", "/logs/filter", json=body).json())
+
+
+def _versions(st: Stack) -> list[dict]:
+    resp = _mlflow(st, "model-versions/search", filter=f"name='{MODEL}'")
+    return resp.json().get("model_versions", []) if resp.status_code == 200 else []
+
+
+def _completed_after(st: Stack, deployment: str, since: float, text: str | None = None) -> list[dict]:
+    """Completed flow runs of `deployment` that started after `since` (epoch s), whose logs say `text`."""
+    done = [
+        r
+        for r in _flow_runs(st, deployment)
+        if r["state_type"] == "COMPLETED" and pd.Timestamp(r["start_time"]).timestamp() > since
+    ]
+    return [r for r in done if text is None or text in _logs(st, [r["id"]])]
+
+
+def test_schedules_fire_by_themselves_on_a_worker(stack: Stack) -> None:
+    """The worker service's own command; every run below is created by the server's scheduler."""
+    tmp = stack.tmp
+    training, incoming, scored = tmp / "training", tmp / "incoming", tmp / "scored"
+    training.mkdir()
+    _wine(150, seed=0).to_parquet(training / "day1.parquet")
     config = tmp / "retrain.yaml"
     config.write_text(
-        f"name: {MODEL}\nexperiment: prod\ndata: {{source: 'sklearn:wine'}}\n"
+        f"name: {MODEL}\nexperiment: prod\ndata: {{source: 'file:{training}/*.parquet', target: target}}\n"
         "model: {kind: mlp, hidden: [16]}\ntrain: {epochs: 30, patience: 0, lr: 0.01}\n"
+        "deployment: {retrain: 5s, score: 5s}\n"
     )
-    return config
+    worker = stack.services["worker"]
+    script = worker["command"][-1]
+    for old, new in (
+        ("--pool torchcycle", f"--pool {POOL}"),
+        ("--source /app", f"--source {ROOT}"),
+        ("--score-input data/incoming --score-output data/scored", f"--score-input {incoming} --score-output {scored}"),
+    ):
+        assert old in script, f"the worker command no longer has '{old}'"
+        script = script.replace(old, new)
+    env = stack.proc_env(
+        "worker",
+        TORCHCYCLE_CONFIG=str(config),
+        TORCHCYCLE_MODEL=MODEL,
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_WEBSERVER_PORT=str(stack.ports["worker"]),
+    )
+    started = time.time()
+    stack.start("worker", [*worker["command"][:-1], script], env)
+    logs = lambda: stack.log("worker")  # noqa: E731
 
+    # a fresh stack's first scheduled score: no champion, no incoming/ -> completes green, says why
+    _wait(
+        "an idle score run",
+        lambda: _completed_after(stack, "score/score", started, "nothing to score"),
+        180,
+        logs,
+        stack.procs,
+    )
+    # the first scheduled retrain registers v1, which becomes champion
+    _wait("version 1", lambda: len(_versions(stack)) == 1, 240, logs, stack.procs)
+    v1_at = time.time()
+    # later retrains on unchanged data register nothing
+    _wait(
+        "an unchanged retrain",
+        lambda: _completed_after(stack, "retrain/retrain", v1_at, "nothing new"),
+        120,
+        logs,
+        stack.procs,
+    )
+    assert len(_versions(stack)) == 1
+    # a new file lands in the training glob: the next retrain registers v2 and the gate decides
+    _wine(60, seed=1).to_parquet(training / "day2.parquet")
+    v2 = _wait("version 2", lambda: [v for v in _versions(stack) if v["version"] == "2"], 240, logs, stack.procs)[0]
+    _wait(
+        "the gate's decision on v2",
+        lambda: any(
+            t["key"] == "validation_status"
+            for t in _mlflow(stack, "model-versions/get", name=MODEL, version="2")
+            .json()["model_version"]
+            .get("tags", [])
+        ),
+        120,
+        logs,
+    )
+    assert v2["tags"] and {t["key"] for t in v2["tags"]} >= {"data_digest", "config_hash", "code_version"}
+    # a file to score lands in incoming/: the next scheduled score writes it, with the champion's lineage
+    incoming.mkdir()
+    _wine(40, seed=2, with_target=False).to_parquet(incoming / "batch1.parquet")
+    out = _wait("the scored file", lambda: sorted(scored.glob("batch1.*.parquet")), 180, logs, stack.procs)[0]
+    frame = pd.read_parquet(out)
+    assert len(frame) == 40 and frame["row_id"].tolist() == list(range(40))
+    assert set(frame["model_name"].astype(str)) == {MODEL}
 
-def test_deployments_on_a_worker_train_register_and_score(stack: dict) -> None:
-    tmp = stack["tmp"]
-    config = _retrain_config(tmp)
-    incoming, scored = tmp / "incoming", tmp / "scored"
-    env = _client_env(stack)
-
-    # the worker service's command: deploy, then a process worker on the pool
-    deploy_cmd = ["torchcycle", "deploy", "--pool", POOL, "--source", str(ROOT), "--config", str(config)]
-    deploy_cmd += ["--model", MODEL, "--score-input", str(incoming), "--score-output", str(scored)]
-    done = subprocess.run(deploy_cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "deployed retrain/retrain" in done.stdout and "deployed score/score" in done.stdout
-    deps = httpx.post(f"{stack['prefect']}/deployments/filter", json={}, timeout=30).json()
-    by_name = {d["name"]: d for d in deps}
-    assert by_name["retrain"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
-    assert by_name["score"]["schedules"][0]["schedule"]["cron"] == "0 * * * *"
-    assert by_name["retrain"]["work_pool_name"] == POOL and "training" in by_name["retrain"]["tags"]
-
-    worker_cmd = ["prefect", "worker", "start", "--pool", POOL, "--type", "process"]
-    worker, log = stack["procs"].start("worker", worker_cmd, env)
-    try:
-        retrain = _run_deployment(stack, "retrain/retrain")
-        assert retrain["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-
-        # the run, its metrics and the new version with its alias, through MLflow's REST API
-        alias = _mlflow(stack, "registered-models/alias", name=MODEL, alias="champion")["model_version"]
-        assert alias["version"] == "1"
-        run = _mlflow(stack, "runs/get", run_id=alias["run_id"])["run"]
-        assert run["info"]["status"] == "FINISHED"
-        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert metrics["test_accuracy"] >= 0.9
-        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-        assert tags["torchcycle.config_hash"]
-
-        _score_input(incoming / "batch1.parquet", 40, seed=0)
-        first = _run_deployment(stack, "score/score")
-        assert first["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-        out = scored / f"batch1.{MODEL}-v1.parquet"
-        frame = pd.read_parquet(out)
-        assert len(frame) == 40 and frame["row_id"].tolist() == list(range(40))
-        assert set(frame["model_version"].astype(str)) == {"1"} and set(frame["model_name"].astype(str)) == {MODEL}
-        assert set(frame["model_run_id"].astype(str)) == {alias["run_id"]}
-
-        # the hourly re-run skips what this version already scored and scores only the new file
-        _score_input(incoming / "batch2.parquet", 25, seed=1)
-        mtime = out.stat().st_mtime_ns
-        second = _run_deployment(stack, "score/score")
-        assert second["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-        assert out.stat().st_mtime_ns == mtime
-        assert len(pd.read_parquet(scored / f"batch2.{MODEL}-v1.parquet")) == 25
-        exp = _mlflow(stack, "experiments/get-by-name", experiment_name="scoring")["experiment"]
-        runs = httpx.post(
-            f"{stack['mlflow']}/api/2.0/mlflow/runs/search",
-            json={"experiment_ids": [exp["experiment_id"]], "order_by": ["attributes.start_time DESC"]},
-            timeout=30,
-        ).json()["runs"]
-        latest = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
-        assert latest["files_skipped"] == 1 and latest["files_scored"] == 1 and latest["rows"] == 25
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-
-
-def test_serve_runs_the_deployments_in_process(stack: dict) -> None:
-    """`torchcycle serve`: the same deployments, no work pool, runs in the serving process."""
-    tmp = stack["tmp"]
-    incoming, scored = tmp / "serve-in", tmp / "serve-out"
-    _score_input(incoming / "a.parquet", 10, seed=2)
-    env = _client_env(stack)
-    # A served deployment runs its flow from this process's code; drop the pool-based ones of the same
-    # names (they point at flow storage for a worker) so what runs below is only what serve registered.
-    for dep in httpx.post(f"{stack['prefect']}/deployments/filter", json={}, timeout=30).json():
-        httpx.delete(f"{stack['prefect']}/deployments/{dep['id']}", timeout=30).raise_for_status()
-    cmd = ["torchcycle", "serve", "--config", str(_retrain_config(tmp)), "--model", MODEL]
-    cmd += ["--score-input", str(incoming), "--score-output", str(scored)]
-    server, log = stack["procs"].start("serve", cmd, env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # serve (re)registers the deployments with this process's parameters
-            dep = httpx.get(f"{stack['prefect']}/deployments/name/score/score", timeout=30)
-            if dep.status_code == 200 and dep.json()["parameters"].get("input") == str(incoming):
-                assert dep.json()["work_pool_name"] is None
-                break
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(1)
-        has_champion = httpx.get(
-            f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": "champion"}
+    runs = _flow_runs(stack, "retrain/retrain") + _flow_runs(stack, "score/score")
+    assert runs and all(r["auto_scheduled"] for r in runs), "a flow run was not created by the scheduler"
+    for name in ("retrain/retrain", "score/score"):
+        dep = _prefect(stack, "GET", f"/deployments/name/{name}").json()
+        assert dep["global_concurrency_limit"]["limit"] == 1  # an overrunning run is not doubled up
+        assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+        assert dep["schedules"][0]["schedule"]["interval"] == 5.0
+        # runs every 5 s, each longer than that: still never two at once
+        spans = sorted(
+            (pd.Timestamp(r["start_time"]), pd.Timestamp(r["end_time"]))
+            for r in _flow_runs(stack, name)
+            if r["start_time"] and r["end_time"]
         )
-        if has_champion.status_code != 200:  # this test run alone: train one first, served as well
-            assert _run_deployment(stack, "retrain/retrain")["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-        result = _run_deployment(stack, "score/score")
-        assert result["state"]["type"] == "COMPLETED", log.read_text()[-5000:]
-        assert len(pd.read_parquet(next(scored.glob("a.*.parquet")))) == 10
+        assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+    # the worker's compose healthcheck
+    check = [_local_path(str(c)) for c in worker["healthcheck"]["test"][1:]]
+    check[-1] = check[-1].replace(":8080", f":{stack.ports['worker']}")
+    assert stack.run(check, env, timeout=30).returncode == 0, logs()
+    stack.stop("worker")
+
+
+def test_redeploy_applies_what_was_given_and_says_what_changed(stack: Stack) -> None:
+    env = stack.proc_env("worker")
+    base = ["torchcycle", "deploy", "--pool", f"{POOL}-redeploy", "--source", str(ROOT), "--model", MODEL]
+    config = stack.tmp / "plain.yaml"  # no deployment: section
+    config.write_text(f"name: {MODEL}\ndata: {{source: 'sklearn:wine'}}\nmodel: {{kind: mlp}}\n")
+    base += [
+        "--config",
+        str(config),
+        "--score-input",
+        str(stack.tmp / "in2"),
+        "--score-output",
+        str(stack.tmp / "out2"),
+    ]
+
+    start = stack.run([*base, "--retrain-schedule", "1h", "--score-schedule", "30m"], env)
+    assert start.returncode == 0, start.stdout + start.stderr
+    first = stack.run([*base, "--retrain-schedule", "0 3 * * *", "--timezone", "Europe/Berlin"], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "retrain: schedule every 3600 s -> cron '0 3 * * *' Europe/Berlin" in first.stdout, first.stdout[-600:]
+    assert "score: schedule kept as on the server (every 1800 s)" in first.stdout  # given nowhere: left alone
+    again = stack.run(base, env)  # nothing given: the server's schedules stay exactly as they are
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "retrain: schedule kept as on the server (cron '0 3 * * *' Europe/Berlin)" in again.stdout
+    retrain = _prefect(stack, "GET", "/deployments/name/retrain/retrain").json()
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in retrain["schedules"]] == [
+        ("0 3 * * *", "Europe/Berlin")
+    ]
+    off = stack.run([*base, "--score-schedule", "off"], env)
+    assert "score: schedule every 1800 s -> no schedule" in off.stdout, off.stdout + off.stderr
+    assert _prefect(stack, "GET", "/deployments/name/score/score").json()["schedules"] == []
+    bad = stack.run([*base, "--score-schedule", "every tuesday"], env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: schedule 'every tuesday' is neither")
+    wrong = stack.proc_env("worker", PREFECT_API_AUTH_STRING="admin:wrong")
+    refused = stack.run(base, wrong)
+    assert refused.returncode == 2 and "the Prefect server refused the request (401" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_serve_without_a_server_starts_one_whose_scheduler_fires(stack: Stack) -> None:
+    """`torchcycle serve` with no PREFECT_API_URL; MLflow as in production. SIGTERM stops both."""
+    tmp = stack.tmp
+    incoming, scored = tmp / "serve-in", tmp / "serve-out"
+    incoming.mkdir()
+    _wine(10, seed=3, with_target=False).to_parquet(incoming / "a.parquet")
+    config = tmp / "serve.yaml"
+    config.write_text(
+        f"name: {MODEL}-serve\nexperiment: prod\ndata: {{source: 'sklearn:wine'}}\n"
+        "model: {kind: mlp, hidden: [16]}\ntrain: {epochs: 20, patience: 0, lr: 0.01}\n"
+    )
+    port = free_port()
+    env = stack.proc_env(
+        "worker", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="2"
+    )
+    env.pop("PREFECT_API_URL")
+    cmd = ["torchcycle", "serve", "--config", str(config), "--model", f"{MODEL}-serve", "--port", str(port)]
+    cmd += [
+        "--score-input",
+        str(incoming),
+        "--score-output",
+        str(scored),
+        "--retrain-schedule",
+        "5s",
+        "--score-schedule",
+        "5s",
+    ]
+    serve = stack.start("serve", cmd, env, cwd=ROOT)
+    logs = lambda: stack.log("serve")  # noqa: E731
+    _wait("scheduled retrain + score", lambda: sorted(scored.glob("a.*.parquet")), 300, logs, stack.procs)
+    assert len(pd.read_parquet(next(scored.glob("a.*.parquet")))) == 10
+    api = f"http://127.0.0.1:{port}/api"
+    runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=30).json()
+    assert {r["auto_scheduled"] for r in runs if r["deployment_id"]} == {True}
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(timeout=60)
+    stack.procs.pop("serve")
+    _wait("the local Prefect server to stop", lambda: not _answers(api), 30, logs)
+
+
+def test_a_killed_serve_takes_its_prefect_server_with_it(tmp_path: Path) -> None:
+    """SIGKILL leaves no handler to run: the kernel's parent-death signal stops the server."""
+    port = free_port()
+    code = (
+        "import sys, time\n"
+        "from torchcycle.local_server import local_prefect_server\n"
+        f"with local_prefect_server({port}):\n"
+        "    print('up', flush=True); time.sleep(600)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "up"
+        api = f"http://127.0.0.1:{port}/api"
+        assert _answers(api)
+        holder.kill()
+        holder.wait(timeout=10)
+        _wait("the orphaned Prefect server to stop", lambda: not _answers(api), 60)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if holder.poll() is None:
+            holder.kill()
+
+
+def _answers(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_unshare_is_available_to_ci() -> None:
+    assert shutil.which("unshare"), "util-linux's unshare runs the stack's processes by service name"

@@ -8,7 +8,7 @@ server already has (edited in the UI, say), else the defaults below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -159,7 +159,7 @@ def resolve_schedules(
             lines.append(f"{spec.name}: schedule unchanged ({now_text})")
         else:
             lines.append(f"{spec.name}: schedule {now_text} -> {chosen.describe()}")
-        out.append(DeploymentSpec(**{**spec.__dict__, "schedule": chosen}))
+        out.append(replace(spec, schedule=chosen))
     return tuple(out), lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -167,8 +168,12 @@ def check_timezone(name: str) -> str:
     return name
 
 
-def parse_schedule(text: str | int | float, timezone: str = "UTC") -> ScheduleSpec:
+def parse_schedule(text: str | bool | int | float, timezone: str = "UTC") -> ScheduleSpec:
     """`text` as written in the config or on the command line; ValueError names what is wrong."""
+    if isinstance(text, bool):  # YAML's off/no/false; on/yes/true name no schedule
+        if text:
+            raise ValueError(f"schedule 'true' is neither {SCHEDULE_HELP}")
+        return ScheduleSpec("off")
     raw = str(text).strip()
     if raw.lower() in ("off", "none", "false"):
         return ScheduleSpec("off")
@@ -195,8 +200,9 @@ class DeploymentSection(_Strict):
     server has (edited in the UI, say), or uses the default for a new deployment. Not part of the config hash."""
 
     timezone: str = "UTC"  # of cron lines
-    retrain: str | int | float | None = None
-    score: str | int | float | None = None
+    # bool first: YAML reads a bare `off` as false, which must not become an interval of 0 s
+    retrain: bool | str | int | float | None = None
+    score: bool | str | int | float | None = None
 
     @field_validator("timezone")
     @classmethod
@@ -288,7 +294,7 @@ def _format_validation(err: ValidationError) -> str:
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = json.loads(json.dumps(raw))  # deep copy: never mutate the caller's dict
+    raw = copy.deepcopy(raw)  # never mutate the caller's dict (YAML dates etc. then meet pydantic's checks)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     try:

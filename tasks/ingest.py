@@ -133,7 +133,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def read_tables(paths: list[Path]) -> pd.DataFrame:
     """Several files of one table (data that accumulates: `data/training/*.parquet`), in name order.
-    Every file must have the same columns; the first file's dtypes win where they differ."""
+    Every file must have the same columns, each a number in all files or in none."""
     frames = [read_table(p) for p in paths]
     first = list(frames[0].columns)
     for path, frame in zip(paths[1:], frames[1:], strict=True):
@@ -142,6 +142,11 @@ def read_tables(paths: list[Path]) -> pd.DataFrame:
                 f"{path} does not have the columns of {paths[0]}: "
                 f"expected {', '.join(map(str, first))}; got {', '.join(map(str, frame.columns))}"
             )
+        for col in first:  # numbers in one file and text in another would reach the encoders mixed
+            if pd.api.types.is_numeric_dtype(frame[col]) != pd.api.types.is_numeric_dtype(frames[0][col]):
+                raise DataError(
+                    f"column '{col}' holds {frame[col].dtype} in {path} but {frames[0][col].dtype} in {paths[0]}"
+                )
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True)

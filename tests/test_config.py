@@ -123,9 +123,10 @@ def test_schedules_parse_cron_intervals_and_off(text, kind: str, value: str, des
         ("400d", "at most a year"),
         ("-5m", "is neither"),
         ("", "is neither"),
+        (True, "schedule 'true' is neither"),  # YAML's on/yes
     ],
 )
-def test_bad_schedules_name_the_problem(text: str, needle: str) -> None:
+def test_bad_schedules_name_the_problem(text, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         parse_schedule(text)
 
@@ -144,6 +145,14 @@ def test_deployment_section_is_validated_and_outside_the_config_hash() -> None:
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
         ({"score": "whenever"}, "deployment: schedule 'whenever' is neither"),
         ({"retrain": "0 3 * * *", "every": "1h"}, "deployment.every: unknown key"),
+        ({"retrain": False, "score": "on"}, "schedule 'on' is neither"),
     ):
         with pytest.raises(ConfigError, match=needle):
             config_from_dict({**BASE, "deployment": bad})
+
+
+def test_yaml_dates_are_config_errors_not_tracebacks(tmp_path: Path) -> None:
+    path = tmp_path / "dated.yaml"
+    path.write_text("name: m\nseed: 2024-01-01\ndata: {source: 'sklearn:iris'}\nmodel: {kind: mlp}\n")
+    with pytest.raises(ConfigError, match="seed: Input should be a valid integer"):
+        load_config(path)

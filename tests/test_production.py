@@ -513,6 +513,10 @@ def test_schedules_fire_by_themselves_on_a_worker(stack: Stack) -> None:
             if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
         )
         assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+    # every server service (scheduler, late runs, cancellation, concurrency leases...) ran its passes cleanly:
+    # with SQLAlchemy 2.1 the scheduler logged "Can't evaluate bulk DML statement" on each one
+    server_log = (stack.tmp / "prefect-server.log").read_text(errors="replace")
+    assert "Traceback" not in server_log and "| ERROR" not in server_log, server_log[-4000:]
     # the worker's compose healthcheck
     check = [_local_path(str(c)) for c in worker["healthcheck"]["test"][1:]]
     check[-1] = check[-1].replace(":8080", f":{stack.ports['worker']}")
@@ -614,6 +618,16 @@ def test_a_killed_serve_takes_its_prefect_server_with_it(tmp_path: Path) -> None
         assert holder.stdout.readline().strip() == "up"
         api = f"http://127.0.0.1:{port}/api"
         assert _answers(api)
+        # a second serve on the same port: refused at once, as bad input (not "server down")
+        second = subprocess.run(
+            [str(Path(sys.executable).parent / "torchcycle"), "serve", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2 and f"error: port {port} is in use" in second.stderr, second.stderr
         holder.kill()
         holder.wait(timeout=10)
         _wait("the orphaned Prefect server to stop", lambda: not _answers(api), 60)
@@ -627,6 +641,17 @@ def _answers(api: str) -> bool:
         return httpx.get(f"{api}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_serve_refuses_ports_out_of_range(port: str) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchcycle"), "serve", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "--port" in done.stderr, done.stderr
 
 
 def test_unshare_is_available_to_ci() -> None:

@@ -58,3 +58,15 @@ def test_refusals_are_told_apart_from_transient_trouble(err: BaseException, refu
 def test_bad_input_is_never_retried() -> None:
     assert is_transient(None, None, _state(DataError("bad column"))) is False
     assert is_transient(None, None, _state(FileNotFoundError("x"))) is False
+
+
+def test_cli_exit_codes_for_prefect_answers() -> None:
+    from torchcycle.cli import _tracking_failure
+
+    assert _tracking_failure(_httpx_error(401, "Unauthorized"))[1] == 2
+    assert _tracking_failure(_httpx_error(500, "Internal Server Error")) == (
+        "the Prefect server failed (500); try again later",
+        3,
+    )
+    down = httpx.ConnectError("connection refused")
+    assert _tracking_failure(down)[1] == 3

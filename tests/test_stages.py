@@ -305,3 +305,10 @@ def test_file_source_reads_a_directory_or_glob_of_files_in_name_order(tmp_path: 
         ingest(DataConfig(source=f"file:{folder}", target="y"))
     with pytest.raises(DataError, match=r"no \.csv or \.parquet files"):
         ingest(DataConfig(source=f"file:{tmp_path}/none/*.parquet", target="y"))
+
+
+def test_files_of_one_table_must_agree_on_numbers(tmp_path: Path) -> None:
+    pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame({"x": ["high", "low"], "y": [1, 0]}).to_parquet(tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"column 'x' holds str in .*b\.parquet but float64 in .*a\.parquet"):
+        ingest(DataConfig(source=f"file:{tmp_path}", target="y"))

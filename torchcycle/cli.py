@@ -24,6 +24,10 @@ def _setup_env() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model load is noise
     # Local mode starts a temporary Prefect server; on a busy 2-core machine 20 s is not always enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # MLflow's client retries each request 7 times with backoff up to 2 minutes (4 minutes before a "server
+    # down" is known); 3 short ones here, and the I/O tasks' own retries (TORCHCYCLE_IO_RETRY_DELAYS) on top.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -80,12 +84,14 @@ def _tracking_failure(err: BaseException) -> tuple[str, int] | None:
     if refusal and remote:
         hint = " (check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)" if refusal.startswith("401") else ""
         return f"the MLflow server at {uri} refused the request ({refusal}){hint}", EXIT_BAD_INPUT
+    if isinstance(err, httpx.HTTPStatusError) and err.response.status_code >= 500:
+        return f"the Prefect server failed ({err.response.status_code}); try again later", EXIT_SERVICE_DOWN
     if isinstance(err, httpx.TransportError):
         return f"the Prefect server is unreachable ({_first_line(err)}); try again later", EXIT_SERVICE_DOWN
     if remote and isinstance(err, MlflowException | requests.exceptions.RequestException | ConnectionError):
         return (
             f"the MLflow tracking server at {uri} is unreachable or failing, after retries ({_first_line(err)}). "
-            "Nothing trained is lost: run the same command again to resume from the last checkpoint.",
+            "Run the same command again later; a training resumes from its last checkpoint.",
             EXIT_SERVICE_DOWN,
         )
     return None
@@ -324,6 +330,7 @@ def models_cmd(
     name: Annotated[str | None, typer.Argument(help="Registered model; all models when left out.")] = None,
 ) -> None:
     """A table of registered models, or of one model's versions with aliases and gate status."""
+    _setup_env()
     client = _client()
     with _service_errors():
         _models_table(client, name)
@@ -361,6 +368,7 @@ def promote_cmd(
     alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
 ) -> None:
     """Point an alias (default champion) at a version by hand; recorded in the version's tags."""
+    _setup_env()
     from tasks import registry
 
     try:
@@ -374,6 +382,7 @@ def promote_cmd(
 @app.command("rollback")
 def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
     """Move champion back to the previous champion."""
+    _setup_env()
     from tasks import registry
 
     try:
@@ -403,7 +412,7 @@ def _deployment_specs(config: str, source: Path, model: str, score_input: str, s
     local = Path(config) if Path(config).is_absolute() else source / config
     try:
         section = load_config(local).deployment if local.is_file() else None
-        zone = check_timezone(tz) if tz else (section.timezone if section else "UTC")
+        zone = check_timezone(tz) if tz is not None else (section.timezone if section else "UTC")
         chosen = {
             which: parse_schedule(text, zone) if text is not None else (section.schedule(which) if section else None)
             for which, text in schedules.items()
@@ -484,7 +493,9 @@ def serve(
     retrain_schedule: _RetrainSchedule = None,
     score_schedule: _ScoreSchedule = None,
     timezone: _Timezone = None,
-    port: Annotated[int, typer.Option(help="Port of the local Prefect server (when PREFECT_API_URL is unset).")] = 4200,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of the local Prefect server (when PREFECT_API_URL is unset).")
+    ] = 4200,
 ) -> None:
     """Run both deployments on their schedules in this process (one machine, no worker). Ctrl-C stops.
 
@@ -497,10 +508,12 @@ def serve(
     specs = _deployment_specs(config, Path("."), model, score_input, score_output, schedules, timezone)
     with contextlib.ExitStack() as stack:
         if not PREFECT_API_URL.value():
-            from torchcycle.local_server import local_prefect_server
+            from torchcycle.local_server import PortTaken, local_prefect_server
 
             try:
                 url = stack.enter_context(local_prefect_server(port))
+            except PortTaken as err:
+                raise _fail(str(err)) from None
             except RuntimeError as err:
                 raise _fail(str(err), EXIT_SERVICE_DOWN) from None
             typer.echo(f"prefect server {url} (started for this command; UI on http://127.0.0.1:{port})")

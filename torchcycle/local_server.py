@@ -8,11 +8,13 @@ and its children at it, and stops it when the command ends, also when the comman
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,23 +51,35 @@ def local_prefect_server(port: int, log_path: Path | None = None) -> Iterator[st
     """Start the server on 127.0.0.1:`port`, yield its API URL (also set as PREFECT_API_URL), stop it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    taken = PortTaken(
+        f"port {port} is in use: if a Prefect server runs there, set PREFECT_API_URL=http://127.0.0.1:{port}/api "
+        "to use it; else choose another --port"
+    )
+    # Two serves started together both see a free port before either server listens: a lock per port decides.
+    lock = open(Path(tempfile.gettempdir()) / f"torchcycle-prefect-{port}.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise taken from None
     if _port_in_use(port):
-        raise RuntimeError(
-            f"port {port} is in use: if a Prefect server runs there, set PREFECT_API_URL=http://127.0.0.1:{port}/api "
-            "to use it; else choose another --port"
-        )
+        lock.close()
+        raise taken
     url = f"http://127.0.0.1:{port}/api"
     log_path = log_path or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "serve-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # Deployment concurrency slots are leases; kept in memory (the default) they die with the server, and a
+    # slot held at a restart stays taken for good. On disk, the server's repossessor frees it on expiry.
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent, start_new_session=True
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
+        while proc.poll() is not None or not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the local Prefect server did not start; its log: {log_path}")
             time.sleep(0.5)
@@ -81,6 +95,11 @@ def local_prefect_server(port: int, log_path: Path | None = None) -> Iterator[st
                 os.environ["PREFECT_API_URL"] = previous
     finally:
         _stop_group(proc)
+        lock.close()
+
+
+class PortTaken(RuntimeError):
+    """The port of the local server is taken (by another server, or another serve starting one)."""
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 
 from tasks.promote import CHAMPION
+from tasks.retry import is_not_found
 from tasks.types import DataError
 
 
@@ -31,16 +32,11 @@ class VersionRow:
     run_id: str
 
 
-def _missing(err: MlflowException) -> bool:
-    """The registry said "no such thing"; anything else (a refusal, a server fault) is not ours to hide."""
-    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
 def _registered(client, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException as err:
-        if not _missing(err):
+        if not is_not_found(err):
             raise
         raise RegistryError(f"no registered model named '{name}'") from None
 
@@ -50,7 +46,7 @@ def _version(client, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as err:
-        if not _missing(err):
+        if not is_not_found(err):
             raise
         raise RegistryError(f"model '{name}' has no version {version}") from None
 
@@ -117,7 +113,7 @@ def _alias_target(client, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as err:
-        if not _missing(err):
+        if not is_not_found(err):
             raise
         return None
 

@@ -35,6 +35,11 @@ def http_status(err: BaseException) -> int | None:
     return None
 
 
+def is_not_found(err: BaseException) -> bool:
+    """MLflow's registry said "no such model, version or alias"; a refusal or a fault is something else."""
+    return getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def server_refusal(err: BaseException) -> str | None:
     """The server's own message when it refused the request (a 4xx but 408/429): a retry gets the
     same answer, so callers report it at once. None for anything else (connection errors, 5xx)."""

@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tasks.ingest import NoInputs, find_inputs
+from tasks.retry import is_not_found
 from tasks.types import DataError
 
 LINEAGE_COLUMNS = ("model_name", "model_version", "model_run_id")
@@ -74,7 +75,7 @@ def resolve_model(client: Any, ref: ModelRef) -> ResolvedModel:
             else client.get_model_version(ref.name, ref.version)
         )
     except MlflowException as err:
-        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if is_not_found(err):
             raise DataError(f"no model version for '{ref}' in the registry") from None
         raise  # server trouble: transient, the task retries
     return ResolvedModel(mv.name, str(mv.version), mv.run_id or "")

@@ -408,6 +408,22 @@ def _logs(st: Stack, run_ids: list[str]) -> str:
     return "\n".join(entry["message"] for entry in _prefect(st, "POST", "/logs/filter", json=body).json())
 
 
+def _scoring_runs(st: Stack) -> int:
+    """MLflow runs in the scoring experiment that scored with MODEL."""
+    exp = _mlflow(st, "experiments/get-by-name", experiment_name="scoring")
+    if exp.status_code != 200:
+        return 0
+    body = {"experiment_ids": [exp.json()["experiment"]["experiment_id"]], "filter": f"params.model_name = '{MODEL}'"}
+    auth = _login(SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    resp = httpx.post(
+        f"http://127.0.0.1:{st.ports['mlflow']}/api/2.0/mlflow/runs/search",
+        json=body,
+        headers={"Host": _host(st, "mlflow"), **auth},
+        timeout=30,
+    )
+    return len(resp.json().get("runs", []))
+
+
 def _versions(st: Stack) -> list[dict]:
     resp = _mlflow(st, "model-versions/search", filter=f"name='{MODEL}'")
     return resp.json().get("model_versions", []) if resp.status_code == 200 else []
@@ -463,6 +479,7 @@ def test_schedules_fire_by_themselves_on_a_worker(stack: Stack) -> None:
         logs,
         stack.procs,
     )
+    assert _scoring_runs(stack) == 0  # nothing to do writes no MLflow run
     # the first scheduled retrain registers v1, which becomes champion
     _wait("version 1", lambda: len(_versions(stack)) == 1, 240, logs, stack.procs)
     v1_at = time.time()
@@ -497,6 +514,9 @@ def test_schedules_fire_by_themselves_on_a_worker(stack: Stack) -> None:
     frame = pd.read_parquet(out)
     assert len(frame) == 40 and frame["row_id"].tolist() == list(range(40))
     assert set(frame["model_name"].astype(str)) == {MODEL}
+    # many scheduled score runs by now, one file to score: one MLflow run (the rest said why they were idle)
+    _wait("the scoring run to finish", lambda: _completed_after(stack, "score/score", v1_at, "scored "), 60)
+    assert _scoring_runs(stack) == 1
 
     runs = _flow_runs(stack, "retrain/retrain") + _flow_runs(stack, "score/score")
     assert runs and all(r["auto_scheduled"] for r in runs), "a flow run was not created by the scheduler"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.checks import derived_problems, is_int, raise_problems
+
 
 @dataclass(frozen=True)
 class CNNConfig:
@@ -14,8 +16,21 @@ class CNNConfig:
     image_shape: tuple[int, int, int] = (1, 8, 8)  # (C, H, W), derived from the data
     num_classes: int = 0  # derived from the data
     channels: tuple[int, ...] = (32, 64)
-    hidden: int = 128
-    dropout: float = 0.0
+    hidden: int = 128  # width of the fully connected layer
+    dropout: float = 0.0  # before the last layer, in [0, 1)
+
+    def __post_init__(self) -> None:
+        # Checked on construction, so a bad config fails here with the field's name, not deep inside torch.
+        problems = derived_problems(self, "in_features", "num_classes")
+        if len(self.image_shape) != 3 or not all(is_int(n, least=1) for n in self.image_shape):
+            problems.append(f"image_shape: must be (C, H, W) of integers >= 1, got {tuple(self.image_shape)}")
+        if not all(is_int(c, least=1) for c in self.channels):
+            problems.append(f"channels: must be integers >= 1, got {list(self.channels)}")
+        if not is_int(self.hidden, least=1):
+            problems.append(f"hidden: must be an integer >= 1, got {self.hidden!r}")
+        if not 0.0 <= self.dropout < 1.0:  # nan fails this too
+            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        raise_problems(problems)
 
 
 class CNN(nn.Module):

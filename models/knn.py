@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.checks import is_int, raise_problems
+
 
 @dataclass(frozen=True)
 class KNNConfig:
@@ -21,14 +23,28 @@ class KNNConfig:
     weights: Literal["uniform", "distance"] = "uniform"
     query_chunk: int = 1024  # queries per cdist call: bounds memory at chunk * n_train floats
 
+    def __post_init__(self) -> None:
+        # Checked on construction, so a bad config fails here with the field's name, not deep inside torch.
+        problems = [
+            f"{name}: must be an integer >= {least}, got {value!r}"
+            for name, value, least in (
+                ("in_features", self.in_features, 0),
+                ("num_classes", self.num_classes, 0),
+                ("k", self.k, 1),
+                ("query_chunk", self.query_chunk, 1),
+            )
+            if not is_int(value, least)
+        ]
+        if self.weights not in ("uniform", "distance"):
+            problems.append(f"weights: must be uniform or distance, got {self.weights!r}")
+        raise_problems(problems)
+
 
 class KNN(nn.Module):
     trainable = False  # fitted by memorising, not by gradient descent
 
     def __init__(self, cfg: KNNConfig) -> None:
         super().__init__()
-        if cfg.k < 1:
-            raise ValueError(f"k must be >= 1, got {cfg.k}")
         self.cfg = cfg
         self.register_buffer("train_x", torch.empty(0, cfg.in_features))
         self.register_buffer("train_y", torch.empty(0))

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.checks import derived_problems, raise_problems
+
 
 @dataclass(frozen=True)
 class LinearConfig:
     in_features: int = 0  # derived from the data
     out_features: int = 1
     bias: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked on construction, so a bad config fails here with the field's name, not deep inside torch.
+        problems = derived_problems(self, "in_features", "out_features")
+        raise_problems(problems)
 
 
 class LinearRegression(nn.Module):

@@ -7,11 +7,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.checks import derived_problems, raise_problems
+
 
 @dataclass(frozen=True)
 class SoftmaxConfig:
     in_features: int = 0  # derived from the data
     num_classes: int = 0  # derived from the data
+
+    def __post_init__(self) -> None:
+        # Checked on construction, so a bad config fails here with the field's name, not deep inside torch.
+        problems = derived_problems(self, "in_features", "num_classes")
+        raise_problems(problems)
 
 
 class SoftmaxRegression(nn.Module):

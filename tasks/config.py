@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from models import DERIVED_FIELDS, MODELS
 from models.training import TrainConfig
@@ -19,14 +22,100 @@ from models.training import TrainConfig
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 SYNTHETIC_SETS = ("line", "xor", "regression", "linear2d", "classification")
 TORCHVISION_SETS = ("MNIST", "FashionMNIST")
+CLASSIFICATION_METRICS = ("test_accuracy", "test_f1_macro")
+REGRESSION_METRICS = ("test_r2", "test_mse", "test_mae")
+SEED_MAX = 2**32 - 1  # numpy's seed range is 0..2**32-1
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What a named source is known to hold before any of it is read (tasks/ingest.py decides the same;
+    tests/test_config_corpus.py checks the two agree). None: unknown until ingest."""
+
+    task: Literal["classification", "regression"] | None
+    rows: int | None
+    image_shape: tuple[int, int, int] | None  # (C, H, W); None: tabular, a CNN cannot use it
+
+
+_KNOWN_SOURCES: dict[str, SourceFacts] = {
+    "sklearn:digits": SourceFacts("classification", 1797, (1, 8, 8)),
+    "sklearn:iris": SourceFacts("classification", 150, None),
+    "sklearn:wine": SourceFacts("classification", 178, None),
+    "sklearn:breast_cancer": SourceFacts("classification", 569, None),
+    "sklearn:diabetes": SourceFacts("regression", 442, None),
+    "synthetic:line": SourceFacts("regression", 20, None),
+    "synthetic:xor": SourceFacts("classification", 4, None),
+    "synthetic:regression": SourceFacts("regression", 100, None),
+    "synthetic:linear2d": SourceFacts("regression", 1000, None),
+    "synthetic:classification": SourceFacts("classification", 100, None),
+    # the row count is whatever the local IDX files hold
+    "torchvision:MNIST": SourceFacts("classification", None, (1, 28, 28)),
+    "torchvision:FashionMNIST": SourceFacts("classification", None, (1, 28, 28)),
+}
+
+
+def source_facts(source: str) -> SourceFacts:
+    """Task, rows and image shape of `source` as far as they are known without reading it (file: sources
+    are tables of unknown size whose task, unless given, is inferred from the target column)."""
+    return _KNOWN_SOURCES.get(source, SourceFacts(None, None, None))
 
 
 class ConfigError(ValueError):
     """A bad experiment config: the message names the offending key and what was expected."""
 
 
+def _problems(title: str, problems: list[tuple[tuple[str | int, ...], str]]) -> ValidationError:
+    """Several located problems as one ValidationError; raised inside a validator, pydantic prefixes each
+    location with the section's, so every problem is reported under its full dotted key."""
+    details = [
+        InitErrorDetails(type=PydanticCustomError("config", "{problem}", {"problem": msg}), loc=loc, input=None)
+        for loc, msg in problems
+    ]
+    return ValidationError.from_exception_data(title, details)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no float setting may be inf or nan (YAML's .inf/.nan, --set train.lr=.nan)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def split_sizes(rows: int, test_size: float, val_size: float) -> tuple[int, int, int]:
+    """(train, val, test) rows as tasks/preprocess.py splits `rows` (sklearn's rounding: held-out parts
+    round up). A size of 0 holds nothing out: that part reuses the training rows."""
+    n_test = math.ceil(test_size * rows) if test_size else 0
+    rest = rows - n_test
+    val_frac = val_size / (1 - test_size) if val_size else 0.0
+    n_val = math.ceil(val_frac * rest) if val_frac else 0
+    return rest - n_val, n_val, n_test
+
+
+MIN_TRAIN_ROWS = 2
+
+
+def _splits_work(rows: int, test_size: float, val_size: float) -> bool:
+    train, val, test = split_sizes(rows, test_size, val_size)
+    return train >= MIN_TRAIN_ROWS and (val >= 1 or not val_size) and (test >= 1 or not test_size)
+
+
+def min_rows(test_size: float, val_size: float) -> int:
+    """The fewest rows that leave >= 2 training rows and >= 1 in each held-out part (monotone in rows,
+    so a doubling then a bisection finds it)."""
+    hi = MIN_TRAIN_ROWS
+    while not _splits_work(hi, test_size, val_size):
+        hi *= 2
+        if hi > 2**62:  # only where float rounding leaves no training fraction at all
+            raise ValueError(f"test_size {test_size:g} and val_size {val_size:g} leave no rows to train on")
+    lo = hi // 2  # fails (or is below the minimum)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _splits_work(mid, test_size, val_size) else (mid, hi)
+    return hi
+
+
+def _describe_split(rows: int, test_size: float, val_size: float) -> str:
+    train, val, test = split_sizes(rows, test_size, val_size)
+    return f"train {train}, validation {val if val_size else '-'}, test {test if test_size else '-'}"
 
 
 class DataConfig(_Strict):
@@ -64,11 +153,44 @@ class DataConfig(_Strict):
             raise ValueError("data.root is required for a torchvision: source (the folder with the IDX files)")
         if self.test_size + self.val_size >= 1.0:
             raise ValueError("data.test_size + data.val_size must be below 1")
+        problem = self._rows_problem()
+        if problem:
+            raise _problems("DataConfig", [problem])
         return self
+
+    def known_rows(self) -> int | None:
+        """Rows that reach the split when known before reading: the data set's size, capped by `limit`."""
+        rows = source_facts(self.source).rows
+        if self.limit is None:
+            return rows
+        return self.limit if rows is None else min(rows, self.limit)
+
+    def _rows_problem(self) -> tuple[tuple[str, ...], str] | None:
+        rows = self.known_rows()
+        if rows is None or _splits_work(rows, self.test_size, self.val_size):
+            return None
+        sizes = f"test_size {self.test_size:g} and val_size {self.val_size:g}"
+        need = f"at least {MIN_TRAIN_ROWS} training rows and 1 in each held-out part"
+        split = _describe_split(rows, self.test_size, self.val_size)
+        if self.limit is not None and rows == self.limit:
+            smallest = min_rows(self.test_size, self.val_size)
+            return ("limit",), (
+                f"{self.limit} rows are too few for {sizes} ({split}; {need}): "
+                f"the smallest limit that works is {smallest}"
+            )
+        return ("test_size",), (
+            f"{self.source} has only {rows} rows: {sizes} leave {split} ({need}); "
+            "lower data.test_size / data.val_size (0 evaluates on the training rows)"
+        )
 
 
 class FeaturesConfig(_Strict):
     scale: bool = True  # standardise numeric columns (mean 0, std 1) fitted on the train split
+
+
+@functools.cache
+def _adapter(cfg_cls: type) -> TypeAdapter:
+    return TypeAdapter(cfg_cls)
 
 
 class ModelSpec(_Strict):
@@ -80,24 +202,38 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _check_params(self) -> ModelSpec:
         if self.kind not in MODELS:
-            raise ValueError(f"unknown model kind '{self.kind}': choose one of {', '.join(MODELS)}")
+            raise _problems(
+                "ModelSpec", [(("kind",), f"unknown model kind '{self.kind}': choose one of {', '.join(MODELS)}")]
+            )
         params = dict(self.model_extra or {})
         cfg_cls = MODELS[self.kind][0]
         allowed = {f.name for f in fields(cfg_cls)} - DERIVED_FIELDS
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        keys = ", ".join(sorted(allowed))
         for key in params:
             if key in DERIVED_FIELDS:
-                raise ValueError(f"model.{key} is derived from the data and cannot be set")
-            if key not in allowed:
-                raise ValueError(
-                    f"unknown key model.{key} for model '{self.kind}': allowed keys are {', '.join(sorted(allowed))}"
-                )
-        # Type-check by validating into the dataclass; errors name the field.
-        TypeAdapter(cfg_cls).validate_python(params, strict=False)
+                problems.append(((), f"model.{key} is derived from the data and cannot be set"))
+            elif key not in allowed:
+                problems.append(((), f"unknown key model.{key} for model '{self.kind}': allowed keys are {keys}"))
+        # Types by pydantic (lax: [4, 2] becomes (4, 2)), ranges by the config class's own __post_init__,
+        # which names the field on each line of its ValueError.
+        try:
+            _adapter(cfg_cls).validate_python({k: v for k, v in params.items() if k in allowed}, strict=False)
+        except ValidationError as err:
+            for e in err.errors():
+                if e["loc"] or e["type"] != "value_error":
+                    problems.append((e["loc"], e["msg"] + _given(e)))
+                    continue
+                for line in str(e["ctx"]["error"]).splitlines():
+                    field, sep, msg = line.partition(": ")
+                    problems.append(((field,), msg) if sep and field in allowed else ((), line))
+        if problems:
+            raise _problems("ModelSpec", problems)
         return self
 
     @property
     def params(self) -> dict[str, Any]:
-        cfg = TypeAdapter(MODELS[self.kind][0]).validate_python(dict(self.model_extra or {}))
+        cfg = _adapter(MODELS[self.kind][0]).validate_python(dict(self.model_extra or {}))
         return {k: v for k, v in asdict(cfg).items() if k not in DERIVED_FIELDS}
 
 
@@ -108,7 +244,7 @@ class TrainSection(_Strict):
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD's velocity decay: 1 or more never forgets, and diverges
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=0)
     min_delta: float = Field(0.0, ge=0)
@@ -118,6 +254,13 @@ class TrainSection(_Strict):
     compile: bool = False
     gpu_data_budget: float = Field(0.5, gt=0, le=1)
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device '{v}': use auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+        return v
 
     def to_train_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump())
@@ -130,7 +273,7 @@ class GateConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known(cls, v: str | None) -> str | None:
-        allowed = ("test_accuracy", "test_f1_macro", "test_r2", "test_mse", "test_mae")
+        allowed = CLASSIFICATION_METRICS + REGRESSION_METRICS
         if v is not None and v not in allowed:
             raise ValueError(f"unknown gate metric '{v}': choose one of {', '.join(allowed)}")
         return v
@@ -223,14 +366,21 @@ class DeploymentSection(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # registered model name
-    experiment: str = "torchcycle"  # MLflow experiment
-    seed: int = 0
+    experiment: str = Field("torchcycle", min_length=1)  # MLflow experiment
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig
     features: FeaturesConfig = FeaturesConfig()
     model: ModelSpec
     train: TrainSection = TrainSection()
     gate: GateConfig = GateConfig()
     deployment: DeploymentSection = DeploymentSection()  # when it runs, not what it trains: outside the hash
+
+    @model_validator(mode="after")
+    def _check_against_data(self) -> ExperimentConfig:
+        problems = _data_problems(self)
+        if problems:
+            raise _problems("ExperimentConfig", problems)
+        return self
 
     def flat_params(self) -> dict[str, str]:
         """The whole resolved config as dotted keys, for MLflow params."""
@@ -256,6 +406,63 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _task_problems(cfg: ExperimentConfig, task: str, basis: str) -> list[tuple[tuple[str, ...], str]]:
+    problems = []
+    supported = MODELS[cfg.model.kind][2]
+    if task not in supported:
+        problems.append(
+            (("model", "kind"), f"model '{cfg.model.kind}' does {' and '.join(sorted(supported))} only; {basis}")
+        )
+    metric = cfg.gate.metric
+    fitting = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    if metric is not None and metric not in fitting:
+        problems.append((("gate", "metric"), f"'{metric}' does not apply to {task}; {basis}: use {', '.join(fitting)}"))
+    return problems
+
+
+def check_against_task(cfg: ExperimentConfig, task: str) -> None:
+    """The model kind and gate metric against the data's task: at the edge where the task is known from the
+    source or data.task, after ingest where it is inferred from the target column. Raises ConfigError."""
+    problems = _task_problems(cfg, task, f"the data is {task}")
+    if problems:
+        raise ConfigError(_format_problems(problems))
+
+
+def _data_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
+    """What can be checked against the data before reading any of it."""
+    data, kind = cfg.data, cfg.model.kind
+    facts = source_facts(data.source)
+    problems = []
+    if data.task != "auto":
+        problems += _task_problems(cfg, data.task, f"data.task is {data.task}")
+    elif facts.task is not None:
+        problems += _task_problems(cfg, facts.task, f"{data.source} is {facts.task}")
+    if kind == "cnn":
+        with_images = ", ".join(src for src, f in _KNOWN_SOURCES.items() if f.image_shape)
+        if facts.image_shape is None:
+            problems.append((("model", "kind"), f"model 'cnn' needs images; {data.source} is a table ({with_images})"))
+        else:
+            # each conv stage halves H and W (max-pool 2); models/cnn.py refuses a map smaller than 1x1
+            channels = cfg.model.params["channels"]
+            most = min(facts.image_shape[1:]).bit_length() - 1  # halvings that keep >= 1 pixel: floor(log2)
+            if len(channels) > most:
+                problems.append(
+                    (
+                        ("model", "channels"),
+                        f"{len(channels)} conv stages halve the {facts.image_shape} images of {data.source} "
+                        f"below one pixel: use at most {most}",
+                    )
+                )
+    rows = data.known_rows()
+    if kind == "knn" and rows is not None:
+        k, train = cfg.model.params["k"], split_sizes(rows, data.test_size, data.val_size)[0]
+        if k > train:
+            problems.append(
+                (("model", "k"), f"k={k} needs at least {k} training rows; the {rows} rows leave {train} to train on")
+            )
+    return problems
+
+
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = d
@@ -267,6 +474,94 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# ---- YAML with limits ------------------------------------------------------------------------------
+MAX_CONFIG_BYTES = 1 << 20
+# Scalars, lists and mappings once every alias is expanded. A config has a few dozen; a "billion laughs"
+# (anchors of lists of aliases of anchors ...) composes to a few nodes that expand to 10**9.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 32  # nesting, aliases expanded; a config nests 3 deep
+
+
+class YamlLimit(ValueError):
+    """YAML refused for its size or shape, before anything is built from it."""
+
+
+# libyaml's parser where the wheel has it: the pure-Python one takes seconds for a 1 MiB file
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_events(text: str) -> None:
+    """One streaming pass over the parser's events, nothing built: nesting and node count within budget.
+    The parser reads only as far as it has to, so `[[[[...` of any length is refused after 33 brackets."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YamlLimit(f"nests deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_YAML_NODES:
+                raise YamlLimit(f"holds more than {MAX_YAML_NODES} values")
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the tree `root` stands for, every alias expanded; memoised per node, so a graph of a few
+    nodes that stands for 10**9 is measured in microseconds. YamlLimit past the budgets or on a cycle."""
+    done: dict[int, tuple[int, int]] = {}  # id(collection node) -> (expanded size, nesting levels)
+    active: set[int] = set()  # the collections on the current path: meeting one again is a cycle
+    too_deep = f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded"
+
+    def measure(node: yaml.Node, outer: int) -> tuple[int, int]:  # outer: collections around `node`
+        if not isinstance(node, yaml.CollectionNode):
+            return 1, 0
+        key = id(node)
+        if key in active:
+            raise YamlLimit("has an alias inside its own anchor (a recursive structure)")
+        if key in done:  # an alias to a measured node: its size counts again, its depth here
+            if outer + done[key][1] > MAX_YAML_DEPTH:
+                raise YamlLimit(too_deep)
+            return done[key]
+        if outer + 1 > MAX_YAML_DEPTH:
+            raise YamlLimit(too_deep)
+        active.add(key)
+        children = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else node.value
+        total, levels = 1, 1
+        for child in children:
+            size, depth = measure(child, outer + 1)
+            total, levels = total + size, max(levels, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise YamlLimit(f"expands to more than {MAX_YAML_NODES} values through its aliases")
+        active.discard(key)
+        done[key] = (total, levels)
+        return done[key]
+
+    return measure(root, 0)[0]
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load with limits on size, nesting and alias expansion. YamlLimit when refused for those,
+    yaml.YAMLError (or ValueError: an integer too long to convert) when not YAML.
+
+    SafeLoader shares an aliased node rather than copying it, so an alias bomb's blow-up would come later,
+    in deepcopy or validation: its expanded size is measured on the composed node graph, before any Python
+    object is built from it."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise YamlLimit(f"is larger than {MAX_CONFIG_BYTES} bytes")
+    _check_events(text)
+    loader = _LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """`key.sub=value` strings; the value is parsed as YAML (so 3, 0.1, true, [1,2] work)."""
     out = []
@@ -275,22 +570,46 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key.sub=value, got '{item}'")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key.strip()}: cannot parse value '{raw}'") from None
+            value = load_yaml(raw)
+        except YamlLimit as err:
+            raise ConfigError(f"--set {key.strip()}: the value {err}") from None
+        except (yaml.YAMLError, ValueError):
+            shown = raw if len(raw) <= 80 else raw[:77] + "..."
+            raise ConfigError(f"--set {key.strip()}: cannot parse value '{shown}'") from None
         out.append((key.strip(), value))
     return out
 
 
-def _format_validation(err: ValidationError) -> str:
+# ---- messages ----------------------------------------------------------------------------------------
+_NO_GIVEN = {"config", "value_error", "assertion_error", "extra_forbidden", "missing"}
+
+
+def _given(e: Any) -> str:
+    """' (got X)' for pydantic's own messages, which do not say what they were given."""
+    value = e.get("input")
+    if e["type"] in _NO_GIVEN or not isinstance(value, bool | int | float | str):
+        return ""
+    text = repr(value)
+    return f" (got {text})" if len(text) <= 60 else ""
+
+
+def _format_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> str:
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+    for loc, msg in problems:
+        where = ".".join(str(p) for p in loc) or "config"
+        for line in msg.splitlines():
+            # a message that names its key already ("data.target is required ...") stands alone
+            lines.append(f"  {line}" if line.startswith(f"{where}.") else f"  {where}: {line}")
     return "invalid config:\n" + "\n".join(lines)
+
+
+def _format_validation(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else msg + _given(e)
+        problems.append((e["loc"], msg))
+    return _format_problems(problems)
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
@@ -308,9 +627,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    with p.open("rb") as f:
+        blob = f.read(MAX_CONFIG_BYTES + 1)  # never more than the limit, whatever the file's size
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes: not an experiment config")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raw = load_yaml(blob.decode("utf-8"))
+    except YamlLimit as err:
+        raise ConfigError(f"config file {p} {err}: not an experiment config") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
         raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping of settings, got {type(raw).__name__}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models import CNNConfig, KNNConfig, LinearConfig, MLPConfig, SoftmaxConfig
 from tasks.config import ConfigError, config_from_dict, load_config, parse_schedule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,6 +67,29 @@ def test_bad_config_names_the_problem(change: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         config_from_dict(raw)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: MLPConfig(hidden=(8, 0)), r"hidden: layer sizes must be integers >= 1, got \[8, 0\]"),
+        (lambda: MLPConfig(dropout=float("nan")), r"dropout: must be in \[0, 1\), got nan"),
+        (lambda: MLPConfig(activation="swish"), "activation: must be one of relu, tanh, gelu"),
+        (lambda: MLPConfig(in_features=-1), "in_features: must be an integer >= 0"),
+        (lambda: CNNConfig(channels=(16, -1)), "channels: must be integers >= 1"),
+        (lambda: CNNConfig(image_shape=(1, 0, 8)), r"image_shape: must be \(C, H, W\)"),
+        (lambda: CNNConfig(hidden=0, dropout=1.0), "hidden: must be an integer >= 1, got 0\ndropout: must be in"),
+        (lambda: KNNConfig(k=0), "k: must be an integer >= 1, got 0"),
+        (lambda: KNNConfig(query_chunk=0), "query_chunk: must be an integer >= 1"),
+        (lambda: KNNConfig(weights="cosine"), "weights: must be uniform or distance"),
+        (lambda: LinearConfig(out_features=-1), "out_features: must be an integer >= 0"),
+        (lambda: SoftmaxConfig(num_classes=-2), "num_classes: must be an integer >= 0"),
+    ],
+)
+def test_model_configs_refuse_bad_values_on_construction(make, needle: str) -> None:
+    # library use, no YAML: the dataclass itself names the field (ModelSpec turns each line into model.<field>)
+    with pytest.raises(ValueError, match=needle):
+        make()
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """Promotion gate: the new version (challenger) must beat the current `champion` on this run's test split.
 
-`should_promote` is the pure decision; `gate_task` does the registry I/O (aliases, tags) around it.
+`should_promote` is the pure decision; `decide_and_record` does the registry I/O (aliases, tags) around
+it, once per version and flow run: a retried gate finds its decision recorded on the version and returns
+it; `gate_task` adds the lock, the log line and the artifact.
 """
 
 from __future__ import annotations
@@ -95,14 +97,15 @@ def gate_task(
     target: str,
     flow_run_id: str,
 ) -> Decision:
-    """Score the current champion on this run's test rows, decide, then move aliases and tag the version."""
+    """Score the current champion on this run's test rows, decide, then tag the version and move aliases.
+    A retry (after the decision was recorded) returns the recorded decision instead of deciding again."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     # Read champion -> decide -> move alias must not interleave with another gate of the same model,
     # or two challengers both beat the old champion and the last writer wins, not the better one.
     with gate_lock(name):
-        decision = _decide_and_record(
+        decision = decide_and_record(
             client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target, flow_run_id
         )
     get_run_logger().info("gate %s v%s: %s", name, version, decision.reason)
@@ -134,9 +137,24 @@ def gate_lock(name: str):
     return concurrency(limit, occupy=1, timeout_seconds=600, strict=True)
 
 
-def _decide_and_record(
+def decide_and_record(
     client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target, flow_run_id
 ) -> Decision:
+    """Decide and record, once per version and flow run. When the version already carries this flow
+    run's decision (the task is retrying after it was recorded), that decision is returned as recorded:
+    nothing is scored, decided or appended again, and only the aliases it had not moved yet are moved.
+    Another flow run gating the same version decides afresh."""
+    tags = client.get_model_version(name, version).tags or {}
+    recorded = recorded_decision(tags)
+    if recorded is not None and tags.get("gate_flow_run_id") == flow_run_id:
+        finish_decision(client, name, version, recorded)
+        return recorded
+    decision = _decide(client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target)
+    record_decision(client, name, version, decision, flow_run_id)
+    return decision
+
+
+def _decide(client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target) -> Decision:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -157,16 +175,17 @@ def _decide_and_record(
         else:
             champion_value = metric_on(preds, test_frame[target], metric)
     if incomparable:  # no fair comparison: never promote blindly
-        decision = Decision(False, incomparable, metric, challenger_value, None, champ_version)
-    else:
-        decision = should_promote(metric, challenger_value, champion_value, margin, champ_version)
-    record_decision(client, name, version, decision, flow_run_id)
-    return decision
+        return Decision(False, incomparable, metric, challenger_value, None, champ_version)
+    return should_promote(metric, challenger_value, champion_value, margin, champ_version)
 
 
-def record_decision(client, name: str, version: str, d: Decision, flow_run_id: str = "") -> None:
-    """Tags first, alias last: a crash in between leaves the old champion in place."""
-    tags = {
+_RECORDED = {"passed": True, "rejected": False}  # validation_status of a gate's decision
+
+
+def decision_tags(d: Decision, flow_run_id: str = "") -> dict[str, str]:
+    """The tags a decision is recorded in, in the order they are written: `gate_flow_run_id` last, so a
+    version that carries a flow run's id carries the whole of that run's decision."""
+    return {
         "validation_status": "passed" if d.promote else "rejected",
         "gate_metric": d.metric,
         "gate_challenger_value": f"{d.challenger:.6g}",
@@ -175,13 +194,55 @@ def record_decision(client, name: str, version: str, d: Decision, flow_run_id: s
         "gate_reason": d.reason,
         "gate_flow_run_id": flow_run_id,
     }
-    for k, v in tags.items():
+
+
+def recorded_decision(tags: dict[str, str]) -> Decision | None:
+    """The decision a gate recorded in a version's tags (values to 6 significant digits), else None.
+
+    `validation_status` "manual" (promoted by hand) or absent means no gate decision is recorded."""
+    promote = _RECORDED.get(tags.get("validation_status", ""))
+    if promote is None or "gate_metric" not in tags:
+        return None
+    champion = tags.get("gate_champion_value", "")
+    return Decision(
+        promote,
+        tags.get("gate_reason", ""),
+        tags["gate_metric"],
+        float(tags.get("gate_challenger_value", "nan")),
+        float(champion) if champion else None,
+        tags.get("gate_champion_version") or None,
+    )
+
+
+def record_decision(client, name: str, version: str, d: Decision, flow_run_id: str = "") -> None:
+    """Tags first, alias last: a crash in between leaves the old champion in place, and the retry
+    finds the decision recorded and moves the alias (`finish_decision`)."""
+    for k, v in decision_tags(d, flow_run_id).items():
         client.set_model_version_tag(name, version, k, v)
     if d.promote:
-        if d.champion_version:
-            from tasks.registry import append_champion_history
-
-            append_champion_history(client, name, d.champion_version)
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _crown(client, name, version, d.champion_version)
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def finish_decision(client, name: str, version: str, d: Decision) -> None:
+    """Move the aliases a recorded decision did not get to move, and none that another gate or a
+    person has moved since: champion only while it is still the one the decision was made against,
+    challenger only from an older version (or none)."""
+    from tasks.registry import alias_target
+
+    if d.promote:
+        if alias_target(client, name, CHAMPION) == d.champion_version:  # None: there was no champion
+            _crown(client, name, version, d.champion_version)
+        return
+    current = alias_target(client, name, CHALLENGER)
+    if current is None or int(current) < int(version):
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def _crown(client, name: str, version: str, previous: str | None) -> None:
+    if previous:
+        from tasks.registry import append_champion_history
+
+        append_champion_history(client, name, previous)  # no second entry when a retry gets here again
+    client.set_registered_model_alias(name, CHAMPION, version)

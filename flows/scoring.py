@@ -13,6 +13,7 @@ from tasks.scoring import (
     DEFAULT_BATCH_ROWS,
     ModelRef,
     ScoreResult,
+    check_output,
     load_model_task,
     log_scoring_task,
     resolve_model_task,
@@ -43,6 +44,7 @@ def scoring_flow(
     ref = ModelRef.parse(model)
     inputs = find_inputs(input)
     resolved = resolve_model_task(uri, ref)
+    check_output(input, inputs, Path(output), resolved)  # before a byte is read or an MLflow run exists
     loaded = load_model_task(uri, resolved)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
     params = {

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.training import distributed
 from tasks.checkpoint import checkpoint_path, remove_checkpoint
-from tasks.config import ConfigError, ExperimentConfig
+from tasks.config import ExperimentConfig, check_against_task
 from tasks.evaluate import evaluate_task
 from tasks.features import features_task
 from tasks.ingest import ingest_task
@@ -98,6 +98,7 @@ def training_flow(
     # Bad data stops here, before an MLflow run exists: nothing is written for input that cannot train.
     raw = ingest_task(config.data)
     validate_task(raw)
+    check_against_task(config, raw.task)  # model kind and gate metric against the task the data turned out to be
     lineage = {"data_digest": raw.digest, "config_hash": config.config_hash(), "code_version": code_version()}
     if skip_unchanged:
         same = unchanged_version_task(uri, config.name, lineage)
@@ -131,10 +132,6 @@ def training_flow(
         log_evaluation_task(uri, run_id, report.metrics, report.figures)
         version_tags = {**lineage, "prefect_flow_run_id": flow_run_id or ""}
         metric = config.gate.metric or default_metric(raw.task)
-        if metric not in report.metrics:
-            raise ConfigError(
-                f"gate.metric '{metric}' does not apply to {raw.task}: use one of {sorted(report.metrics)}"
-            )
         reg = register_task(
             trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=version_tags
         )

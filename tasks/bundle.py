@@ -208,8 +208,11 @@ class Predictor:
         if len(frame) == 0:  # scikit-learn refuses 0 rows; 0 rows in (with valid columns) is 0 rows out
             self.pipeline.check_columns(frame)
             return self._result(torch.empty(0, self._n_outputs()))
-        x = torch.from_numpy(self.pipeline.transform(frame))
-        return self._result(torch_predict(self.model, x, self.device))
+        x = self.pipeline.transform(frame)  # (N, F) float32
+        _refuse_non_finite(frame, ~np.isfinite(x).all(axis=1), self.pipeline.columns)
+        out = torch_predict(self.model, torch.from_numpy(x), self.device)
+        _refuse_non_finite(frame, ~torch.isfinite(out).all(dim=1).numpy(), self.pipeline.columns)
+        return self._result(out)
 
     def _n_outputs(self) -> int:
         return 1 if self.task == "regression" else len(self.pipeline.classes or [])
@@ -225,6 +228,23 @@ class Predictor:
         for i, c in enumerate(self.pipeline.classes or []):
             result[f"proba_{c}"] = proba[:, i]
         return result
+
+
+def _refuse_non_finite(frame: pd.DataFrame, bad: np.ndarray, columns: list[str], examples: int = 3) -> None:
+    """Rows whose finite inputs still overflow float32 on the way through the model (1e308, say): refused by
+    row and column, never scored to NaN probabilities."""
+    if not bad.any():
+        return
+    rows = frame.loc[bad, [c for c in columns if pd.api.types.is_numeric_dtype(frame[c])]]
+    shown = []
+    for label, row in rows.head(examples).iterrows():
+        values = row.abs().astype("float64")
+        col = str(values.idxmax()) if len(values) and values.notna().any() else "?"
+        shown.append(f"row {label} ({col}={row.get(col, '?')})" if col != "?" else f"row {label}")
+    raise DataError(
+        f"{int(bad.sum())} row(s) overflow the model's float32 arithmetic, e.g. {', '.join(shown)}: "
+        "values this far outside the training range cannot be scored"
+    )
 
 
 def _label_dtype(classes: list[Any] | None) -> str:

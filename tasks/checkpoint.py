@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tasks.atomic import atomic_target
 from tasks.types import DataError
 
 ENV_DIR = "TORCHCYCLE_CHECKPOINT_DIR"
@@ -24,13 +25,9 @@ def checkpoint_path(name: str, config_hash: str, data_digest: str, root: str | P
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename: a kill leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as fh:
+    # A temp file of this writer's own: two trainings of one config never rename each other's file.
+    with atomic_target(path) as tmp, open(tmp, "wb") as fh:
         torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:

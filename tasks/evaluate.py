@@ -15,6 +15,10 @@ from models.training import predict as torch_predict
 from tasks.features import Prepared
 from tasks.train import TrainedModel
 
+# A confusion matrix with more classes is unreadable, and its (C, C) counts and figure grow with C**2
+# (10,000 classes: 6 GB). Above this the plot is left out; the metrics are computed either way.
+MAX_CONFUSION_CLASSES = 50
+
 
 @dataclass(frozen=True)
 class EvalReport:
@@ -71,17 +75,18 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
             "test_precision_macro": p,
             "test_recall_macro": r,
         }
-        fig, ax = plt.subplots(figsize=(6, 5))
-        skm.ConfusionMatrixDisplay.from_predictions(
-            y,
-            pred,
-            labels=labels,
-            display_labels=[str(c) for c in prepared.pipeline.classes or []],
-            ax=ax,
-            colorbar=False,
-        )
-        ax.set_title("confusion matrix (test split)")
-        figures["confusion_matrix.png"] = _png(fig)
+        if len(labels) <= MAX_CONFUSION_CLASSES:
+            fig, ax = plt.subplots(figsize=(6, 5))
+            skm.ConfusionMatrixDisplay.from_predictions(
+                y,
+                pred,
+                labels=labels,
+                display_labels=[str(c) for c in prepared.pipeline.classes or []],
+                ax=ax,
+                colorbar=False,
+            )
+            ax.set_title("confusion matrix (test split)")
+            figures["confusion_matrix.png"] = _png(fig)
     else:
         decode = prepared.pipeline.decode_target
         pred, y = decode(out[:, 0].numpy()), decode(y)

@@ -78,7 +78,9 @@ def find_inputs(path: str | Path) -> list[Path]:
         files = [Path(f) for f in glob.glob(text) if Path(f).is_file()]
     else:
         raise NoInputs(f"input not found: {text}")
-    files = sorted(f for f in files if not f.name.startswith("."))  # skip our own partial files
+    if not p.is_file():  # in a directory or glob, hidden files are skipped (our own partial files); named: read
+        files = [f for f in files if not f.name.startswith(".")]
+    files = sorted(files)
     if not files:
         raise NoInputs(f"no .csv or .parquet files in {text}")
     bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
@@ -128,7 +130,20 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"input file {path} is not valid UTF-8 text: {err.reason} at byte {err.start}") from None
     except Exception as err:  # pyarrow/parser errors: corrupt or truncated files
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    _refuse_nested(frame, path)
     return frame
+
+
+def _refuse_nested(frame: pd.DataFrame, path: Path) -> None:
+    """Parquet can hold lists, maps and structs in a cell; a table of features cannot."""
+    for col in frame.columns:
+        if frame[col].dtype == object:
+            odd = next((v for v in frame[col] if isinstance(v, list | dict | tuple | np.ndarray | bytes)), None)
+            if odd is not None:
+                raise DataError(
+                    f"{path}: column '{col}' holds {type(odd).__name__} values: "
+                    "cells must be numbers, booleans, text or dates"
+                )
 
 
 def read_tables(paths: list[Path]) -> pd.DataFrame:

@@ -20,8 +20,16 @@ class TorchcyclePyfunc(mlflow.pyfunc.PythonModel):
 
     # A DataFrame hint: MLflow validates input against the logged signature, not the hint.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from tasks.types import DataError
+
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return self.predictor.predict(frame)
+        try:
+            return self.predictor.predict(frame)
+        except DataError as err:  # the contract refused the input: the server answers 400 with this message
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 set_model(TorchcyclePyfunc())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
@@ -9,6 +10,25 @@ from tasks.types import DataError
 
 # Bad input stays bad on the next try: retrying only delays the clear error.
 NOT_TRANSIENT: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, PermissionError, KeyError, TypeError)
+
+# A file system saying no (read-only, not a directory, no space, no permission): the next try meets the same.
+PERMANENT_ERRNOS = frozenset(
+    {
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOENT,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.ELOOP,
+        errno.EINVAL,
+    }
+)
 
 IO_RETRY_DELAYS = [2, 5, 15]  # seconds
 RETRY_DELAYS_ENV = "TORCHCYCLE_IO_RETRY_DELAYS"  # e.g. "1,1,1": shorter waits in tests, longer on flaky links
@@ -55,14 +75,25 @@ def server_refusal(err: BaseException) -> str | None:
     return f"{status}: {first[:300]}"
 
 
+def file_system_refusal(err: BaseException) -> bool:
+    """An OSError from the local file system that a retry cannot fix (not a network error: those are
+    OSErrors too, with other errnos or none)."""
+    return isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS
+
+
+def is_lock_timeout(err: BaseException) -> bool:
+    """SQLite's 'database is locked' (another process holds the embedded store): transient."""
+    return "database is locked" in str(err)
+
+
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: False for input errors and server refusals, True for the rest."""
+    """Prefect `retry_condition_fn`: False for input errors, file-system refusals and server refusals."""
     try:
         state.result()
     except NOT_TRANSIENT:
         return False
     except Exception as err:
-        return server_refusal(err) is None
+        return server_refusal(err) is None and not file_system_refusal(err)
     return True
 
 

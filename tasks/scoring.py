@@ -8,7 +8,6 @@ registry I/O and carry the retries.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,11 +22,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks.ingest import NoInputs, find_inputs
+from tasks.atomic import atomic_target, check_writable_target
+from tasks.ingest import SUFFIXES, NoInputs, find_inputs
 from tasks.retry import is_not_found
-from tasks.types import DataError
+from tasks.types import LINEAGE_COLUMNS, DataError, is_output_column
 
-LINEAGE_COLUMNS = ("model_name", "model_version", "model_run_id")
 DEFAULT_BATCH_ROWS = 65_536  # rows per record batch: bounded memory whatever the file size
 
 
@@ -45,7 +44,14 @@ class ModelRef:
         m = re.fullmatch(r"(?:models:/)?([^@/\s]+)(?:@([\w-]+)|/(\d+))?", ref.strip())
         if not m:
             raise DataError(f"bad model reference '{ref}': use NAME, NAME@alias or NAME/version")
+        from tasks.registry import check_alias, check_version
+
         name, alias, version = m.groups()
+        try:  # MLflow's rules for versions (1 .. 2**63-1) and aliases (not 'latest', not 'v3')
+            version = check_version(version) if version is not None else None
+            alias = check_alias(alias) if alias is not None else None
+        except DataError as err:
+            raise DataError(f"bad model reference '{ref}': {err}") from None
         return cls(name, alias or (None if version else default_alias), version)
 
     def __str__(self) -> str:
@@ -118,8 +124,10 @@ def _kind_of(t: pa.DataType) -> str:
     return str(t)
 
 
-def check_schema(schema: pa.Schema, expected: dict[str, str], source: str) -> None:
-    """Every problem at once: duplicate names, missing columns, incompatible types."""
+def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outputs: tuple[str, ...] = ()) -> None:
+    """Every problem at once: duplicate names, missing columns, incompatible types, names the output takes.
+
+    `outputs`: the model's output columns (prediction, proba_*), when known."""
     names = schema.names
     problems = []
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -132,14 +140,17 @@ def check_schema(schema: pa.Schema, expected: dict[str, str], source: str) -> No
     for col, kind in expected.items():
         if col in names and col not in dupes:
             found = _kind_of(schema.field(col).type)
-            # bools fit numeric columns (0/1); nothing else crosses kinds silently
-            if found not in (kind, "null") and not (kind == "number" and found == "bool"):
+            # nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1
+            if found not in (kind, "null"):
                 wrong.setdefault((kind, str(schema.field(col).type)), []).append(col)
     for (kind, found), cols in wrong.items():
         problems.append(f"column(s) {_names(cols)} must be {kind}, found {found}")
-    clash = [c for c in (*LINEAGE_COLUMNS, "prediction") if c in names]
+    taken = {*outputs, *LINEAGE_COLUMNS, "prediction"}
+    clash = [c for c in dict.fromkeys(names) if c in taken or (not outputs and is_output_column(c))]
     if clash:
-        problems.append(f"input column(s) {', '.join(clash)} would be overwritten by the output")
+        problems.append(
+            f"input column(s) {', '.join(clash)} would be overwritten by the output: rename or drop them first"
+        )
     if problems:
         raise DataError(f"{source}: " + "; ".join(problems))
 
@@ -152,21 +163,57 @@ def _names(cols: list[str], show: int = 6) -> str:
 _CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
 
 
+class CsvRetype(Exception):
+    """A pass-through CSV column whose type, guessed from the file's first block, does not hold further down
+    (empty for 89,000 rows, then text): the file is read again with that column as text."""
+
+    def __init__(self, column: str) -> None:
+        super().__init__(column)
+        self.column = column
+
+
+_CSV_CELL = re.compile(r"In CSV column #(\d+): (.*)", re.S)
+
+
+def _csv_error(err: Exception, path: Path, names: list[str], expected: dict[str, str]) -> Exception:
+    """pyarrow's 'In CSV column #3: Row #9: CSV conversion error ...' -> CsvRetype for a pass-through
+    column, or a DataError naming the column by name for a model column."""
+    m = _CSV_CELL.match(str(err).strip())
+    if m is None or int(m.group(1)) >= len(names):
+        return DataError(f"cannot read {path}: {_short(err)}")
+    column, what = names[int(m.group(1))], _short(Exception(m.group(2)))
+    if column not in expected:
+        return CsvRetype(column)
+    return DataError(f"{path}: column '{column}' must be {expected[column]}: {what}")
+
+
+def _csv_names(path: Path) -> list[str]:
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
 @contextmanager
 def open_batches(
-    path: Path, expected: dict[str, str], batch_rows: int
+    path: Path, expected: dict[str, str], batch_rows: int, text_columns: frozenset[str] = frozenset()
 ) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]]:
-    """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError."""
+    """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError.
+
+    `text_columns`: CSV columns to read as text whatever they look like (see CsvRetype)."""
     pf: pq.ParquetFile | None = None
     try:
         if path.suffix.lower() == ".csv":
+            types = {c: pa.string() for c in text_columns}
+            # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
+            types.update({c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES})
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=1 << 22),  # ~4 MiB of text per batch
-                # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES}
-                ),
+                convert_options=pacsv.ConvertOptions(column_types=types),
             )
             schema, batches, total = reader.schema, iter(reader), None
         else:
@@ -174,19 +221,22 @@ def open_batches(
             pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
             schema, batches, total = pf.schema_arrow, pf.iter_batches(batch_size=batch_rows), pf.metadata.num_rows
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path}: {_short(err)}") from None
+        names = _csv_names(path) if path.suffix.lower() == ".csv" else []
+        raise _csv_error(err, path, names, expected) from None
     try:
-        yield schema, _wrap_errors(batches, path), total
+        yield schema, _wrap_errors(batches, path, schema.names, expected), total
     finally:
         if pf is not None:
             pf.close()
 
 
-def _wrap_errors(batches: Iterator[pa.RecordBatch], path: Path) -> Iterator[pa.RecordBatch]:
+def _wrap_errors(
+    batches: Iterator[pa.RecordBatch], path: Path, names: list[str], expected: dict[str, str]
+) -> Iterator[pa.RecordBatch]:
     try:
         yield from batches
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path}: {_short(err)}") from None
+        raise _csv_error(err, path, names, expected) from None
 
 
 def _short(err: BaseException) -> str:
@@ -227,17 +277,25 @@ def score_batch(
     out = pa.Table.from_pandas(result, preserve_index=False)
     arrays = [batch.column(c) for c in passthrough] + [c.combine_chunks() for c in out.columns]
     arrays += [_constant(v, batch.num_rows) for v in (model.name, model.version, model.run_id)]
-    return pa.RecordBatch.from_arrays(arrays, names=[*passthrough, *out.column_names, *LINEAGE_COLUMNS])
+    names = [*passthrough, *out.column_names, *LINEAGE_COLUMNS]
+    if len(set(names)) < len(names):  # a file Parquet readers refuse: never write it
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"input column(s) {', '.join(twice)} would be overwritten by the output: rename them first")
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 @contextmanager
 def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
     """Yield a batch writer; the file appears at `path` only when every batch is written.
 
-    Batches go to a hidden `.NAME.partial` beside the target (same filesystem, so the rename is
-    atomic). A crash leaves at most that partial file, which the next run overwrites."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    Batches go to a hidden temp file of this writer's own beside the target (tasks.atomic): a crash leaves
+    nothing at `path`, and of two writers racing for one path the last to finish wins with a whole file."""
+    with atomic_target(path) as tmp, _parquet_writer(tmp, path) as write:
+        yield write
+
+
+@contextmanager
+def _parquet_writer(tmp: Path, path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
     writer: pq.ParquetWriter | None = None
 
     def write(batch: pa.RecordBatch) -> None:
@@ -254,15 +312,9 @@ def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
         yield write
         if writer is None:
             raise DataError("no rows to write")
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())  # the bytes are on disk before the name says the file is complete
-        os.replace(tmp, path)
-    except BaseException:
+    finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -299,8 +351,60 @@ def output_is_directory(output: Path) -> bool:
 
 
 def output_name(input_path: Path, model: ResolvedModel) -> str:
-    """Per-input output name in directory mode: the model version is part of it (idempotent re-runs)."""
-    return f"{input_path.stem}.{model.name}-v{model.version}.parquet"
+    """Per-input output name in directory mode: the whole input name (a.csv and a.parquet stay apart) and the
+    model version (idempotent re-runs)."""
+    return f"{input_path.name}.{model.name}-v{model.version}.parquet"
+
+
+def output_targets(inputs: list[Path], output: Path, model: ResolvedModel) -> list[tuple[Path, Path]]:
+    """(input, output file) pairs; two inputs that would share an output file are refused by name."""
+    if not output_is_directory(output):
+        return [(p, output) for p in inputs]
+    pairs = [(p, output / output_name(p, model)) for p in inputs]
+    seen: dict[Path, Path] = {}
+    for src, target in pairs:
+        if target in seen:
+            raise DataError(
+                f"inputs {seen[target]} and {src} would both be written to {target}: "
+                "score them into separate output directories"
+            )
+        seen[target] = src
+    return pairs
+
+
+def check_output(input_spec: str, inputs: list[Path], output: Path, model: ResolvedModel | None = None) -> None:
+    """Refuse, before anything is read, an output that is an input or would become one on the next run,
+    and an output path that can never be written."""
+    import fnmatch
+
+    out = output.absolute()
+    real = {p.resolve(): p for p in inputs}
+    directory = output_is_directory(output)
+    if output.resolve() in real:
+        raise DataError(f"--output {output} is the input file {real[output.resolve()]}: scoring would replace it")
+    if directory and output.exists() and not output.is_dir():
+        raise DataError(f"--output {output} is a file: a directory output needs a directory (or a .parquet name)")
+    if not directory and output.is_dir():
+        raise DataError(f"--output {output} is a directory: give a .parquet file name, or a directory without it")
+    check_writable_target(output / "x.parquet" if directory else output)
+    spec = Path(input_spec)
+    # What this run writes, as the next run's input lookup would see it.
+    written = [out / output_name(p, model) for p in inputs] if directory and model else [out]
+    if spec.is_dir():
+        folder = spec.resolve()
+        inside = [w for w in written if w.parent.resolve() == folder and w.suffix.lower() in SUFFIXES]
+        if inside or (directory and out.resolve() == folder):
+            raise DataError(
+                f"--output {output} lies inside the input directory {input_spec}: "
+                "the next run would score its own output; write elsewhere"
+            )
+    elif not spec.is_file():  # a glob
+        pattern = str(Path(input_spec).absolute())
+        caught = [w for w in written if fnmatch.fnmatch(str(w), pattern)]
+        if caught:
+            raise DataError(
+                f"--output {output} matches the input pattern {input_spec}: the next run would score its own output"
+            )
 
 
 @dataclass
@@ -313,38 +417,54 @@ class Scorer:
     id_cols: tuple[str, ...] = ()
     batch_rows: int = DEFAULT_BATCH_ROWS
     progress: bool = True
+    outputs: tuple[str, ...] = ()  # the model's output columns, when known: checked against input names
+
+    def __post_init__(self) -> None:
+        self.id_cols = tuple(dict.fromkeys(self.id_cols))  # `--id-col a --id-col a` is one column
 
     def score(self, inputs: list[Path], output: Path) -> ScoreResult:
         start = time.perf_counter()
         files: list[FileResult] = []
         if output_is_directory(output):
-            for path in inputs:
-                target = output / output_name(path, self.model)
+            for path, target in output_targets(inputs, output, self.model):
                 if target.exists():
                     files.append(FileResult(str(path), str(target), 0, file_digest(path), skipped=True))
                     continue
-                with atomic_parquet(target) as write:
-                    files.append(self._score_file(path, target, write))
+                files += self._write(target, [path])
         else:
-            with atomic_parquet(output) as write:
-                files = [self._score_file(path, output, write) for path in inputs]
+            files = self._write(output, inputs)
         return ScoreResult(self.model, tuple(files), time.perf_counter() - start, str(output))
 
-    def _score_file(self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None]) -> FileResult:
+    def _write(self, target: Path, inputs: list[Path]) -> list[FileResult]:
+        """Score `inputs` into one atomic `target`. A pass-through CSV column whose first-block type does not
+        hold over the whole file is re-read as text, and the output written again (CsvRetype)."""
+        text: frozenset[str] = frozenset()
+        while True:
+            try:
+                with atomic_parquet(target) as write:
+                    return [self._score_file(path, target, write, text) for path in inputs]
+            except CsvRetype as again:
+                if again.column in text:  # cannot happen for a text column; never loop
+                    raise DataError(f"cannot read column '{again.column}' of {inputs}") from None
+                text |= {again.column}
+
+    def _score_file(
+        self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None], text: frozenset[str]
+    ) -> FileResult:
         from concurrent.futures import ThreadPoolExecutor
 
         # Hash the input on a second thread while scoring (hashlib releases the GIL on large reads).
         with ThreadPoolExecutor(1) as pool:
             digest = pool.submit(file_digest, path)
-            rows = self._score_rows(path, write)
+            rows = self._score_rows(path, write, text)
             return FileResult(str(path), str(target), rows, digest.result())
 
-    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None]) -> int:
+    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None], text: frozenset[str]) -> int:
         from tqdm.auto import tqdm
 
         rows = 0
-        with open_batches(path, self.expected, self.batch_rows) as (schema, batches, total):
-            check_schema(schema, self.expected, str(path))
+        with open_batches(path, self.expected, self.batch_rows, text) as (schema, batches, total):
+            check_schema(schema, self.expected, str(path), self.outputs)
             missing_ids = [c for c in self.id_cols if c not in schema.names]
             if missing_ids:
                 raise DataError(f"{path}: id column(s) not found: {', '.join(missing_ids)}")
@@ -420,7 +540,7 @@ def plan_scoring(client: Any, ref: ModelRef, input: str, output: Path) -> Scorin
         model = resolve_model(client, ref)
     except DataError as err:
         return ScoringPlan(f"{err} (train one first)")
-    if output_is_directory(output) and all((output / output_name(p, model)).exists() for p in inputs):
+    if output_is_directory(output) and all(t.exists() for _, t in output_targets(inputs, output, model)):
         return ScoringPlan(f"all {len(inputs)} file(s) in {input} already scored by {model.name} v{model.version}")
     return ScoringPlan(None, model)
 
@@ -436,6 +556,7 @@ def plan_scoring_task(tracking_uri: str, ref: ModelRef, input: str, output: str)
 class LoadedModel:
     predict: Callable[[Any], Any]
     expected: dict[str, str]
+    outputs: tuple[str, ...] = ()  # prediction (+ proba_<class>) when the model says so
 
 
 @task(name="load-model", **io_task_options())
@@ -449,8 +570,10 @@ def load_model_task(tracking_uri: str, model: ResolvedModel) -> LoadedModel:
     inner = pyfunc.unwrap_python_model()
     # Our own pyfunc: call its predictor directly; the columns were checked and cast above, so
     # MLflow's per-batch schema enforcement would only repeat that work. Anything else: pyfunc.predict.
-    predict = inner.predictor.predict if hasattr(inner, "predictor") else pyfunc.predict
-    return LoadedModel(predict, expected)
+    predictor = getattr(inner, "predictor", None)
+    if predictor is None:
+        return LoadedModel(pyfunc.predict, expected)
+    return LoadedModel(predictor.predict, expected, tuple(predictor.output_columns))
 
 
 @task(name="score-files", **io_task_options())
@@ -462,7 +585,7 @@ def score_task(
     id_cols: tuple[str, ...] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ScoreResult:
-    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows)
+    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows, outputs=loaded.outputs)
     result = scorer.score(inputs, output)
     get_run_logger().info("scored %d rows with %s v%s -> %s", result.rows, model.name, model.version, output)
     return result

@@ -15,6 +15,22 @@ class DataError(ValueError):
     """Bad input data: the message names the column/file and what is wrong."""
 
 
+class StorageError(DataError):
+    """A file could not be read or written (read-only, a directory, no space): names the path and the cause.
+    Not transient: a retry meets the same file system."""
+
+
+# Columns every scored output has: a training feature or scored input column of one of these names would be
+# overwritten (`proba_<class>` too, for classifiers).
+PREDICTION_COLUMN = "prediction"
+LINEAGE_COLUMNS = ("model_name", "model_version", "model_run_id")
+RESERVED_COLUMNS = (PREDICTION_COLUMN, *LINEAGE_COLUMNS)
+
+
+def is_output_column(name: str) -> bool:
+    return name in RESERVED_COLUMNS or name.startswith("proba_")
+
+
 @dataclass(frozen=True)
 class RawData:
     """A loaded data set: feature columns plus the target column in one frame."""

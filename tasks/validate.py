@@ -7,7 +7,42 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.contract import value_problems
-from tasks.types import DataError, DataProfile, RawData
+from tasks.types import DataError, DataProfile, RawData, is_output_column
+
+
+def unsupported_features(frame: pd.DataFrame, features: list[str]) -> dict[str, str]:
+    """Feature columns the pipeline cannot encode, by name: dates and times (convert them to numbers first:
+    epoch seconds, day of week...), and values that are neither numbers, booleans nor text (lists, bytes)."""
+    problems: dict[str, str] = {}
+    for col in features:
+        s = frame[col]
+        if pd.api.types.is_datetime64_any_dtype(s) or isinstance(s.dtype, pd.PeriodDtype):
+            problems[col] = (
+                f"column '{col}' holds dates/times ({s.dtype}): convert it to numbers (e.g. epoch seconds) or drop it"
+            )
+        elif pd.api.types.is_timedelta64_dtype(s):
+            problems[col] = f"column '{col}' holds durations ({s.dtype}): convert it to seconds or drop it"
+        elif pd.api.types.is_complex_dtype(s):
+            problems[col] = f"column '{col}' holds complex numbers: not a supported feature type"
+        elif s.dtype == object:
+            odd = next((v for v in s.dropna() if not isinstance(v, str | bool | int | float)), None)
+            if odd is not None:
+                problems[col] = (
+                    f"column '{col}' holds {type(odd).__name__} values (e.g. {str(odd)[:40]!r}): "
+                    "features must be numbers, booleans or text"
+                )
+    return problems
+
+
+def reserved_features(features: list[str]) -> list[str]:
+    """Names the scored output writes itself: a model trained on them could never score a file."""
+    taken = [c for c in features if is_output_column(str(c))]
+    if not taken:
+        return []
+    return [
+        f"feature column(s) {', '.join(map(repr, taken))} clash with the output's own columns "
+        "(prediction, proba_<class>, model_name, model_version, model_run_id): rename them"
+    ]
 
 
 def validate(raw: RawData) -> DataProfile:
@@ -20,7 +55,9 @@ def validate(raw: RawData) -> DataProfile:
     features = raw.feature_columns
     if not features:
         raise DataError(f"data from {raw.source} has no feature columns besides the target '{raw.target}'")
-    problems = value_problems(frame, features)
+    unsupported = unsupported_features(frame, features)
+    problems = [*reserved_features(features), *unsupported.values()]
+    problems += value_problems(frame, [c for c in features if c not in unsupported])
     y = frame[raw.target]
     class_counts = None
     if y.isna().all():

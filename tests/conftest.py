@@ -59,6 +59,29 @@ def artifact_markdown(flow_run_id: str) -> str:
     return "\n".join(str(a["data"]) for a in resp.json())
 
 
+def prefect_logs_follow_stderr() -> None:
+    """Point Prefect's console log handlers at whatever sys.stderr is when they write, so in-process CLI runs
+    (CliRunner swaps the streams per invocation) get the logs, not '--- Logging error ---' on a closed stream."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            console = getattr(handler, "console", None)
+            if console is not None:
+                console._file, console.stderr = None, True  # rich: None means sys.stderr at write time
+                handler.stream = sys.__stderr__
+
+
+def cli_output(result) -> str:
+    """A CliRunner result's output without Prefect's '--- Logging error ---' blocks: its console handler keeps
+    the stream of an earlier CliRunner invocation, closed by now; a test-runner artifact, not the CLI's output."""
+    import re
+
+    return re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", result.output, flags=re.S)
+
+
 def free_port() -> int:
     import socket
 

@@ -3,7 +3,6 @@ malformed tables: a clear message and exit code 2, no output file, no new model 
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_output
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
@@ -53,12 +53,6 @@ def _config(path: Path, target: str = "label") -> str:
         f"name: {NAME}\nexperiment: corpus\ndata: {{source: 'file:{path}', target: {target}}}\n"
         "model: {kind: mlp, hidden: [8]}\ntrain: {epochs: 3, patience: 0}\n"
     )
-
-
-def _cli_output(result) -> str:
-    """The command's output without Prefect's '--- Logging error ---' blocks: its console handler keeps the
-    stream of an earlier CliRunner invocation, closed by now; a test-runner artifact, not the CLI's output."""
-    return re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", result.output, flags=re.S)
 
 
 def _registry_state(uri: str) -> tuple[list[str], str]:
@@ -119,7 +113,7 @@ def test_train_refuses_bad_data(store: dict, tmp_path: Path, monkeypatch, case, 
 
 def _assert_refused(result, case: str, needle: str) -> None:
     """Exit code 2 and one clear message naming the problem, no traceback."""
-    output = _cli_output(result)
+    output = cli_output(result)
     assert result.exit_code == 2, f"{case}: {output}"
     assert needle in output, f"{case}: {output}"
     assert "Traceback" not in output

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.training import TrainingSummary, Unchanged, training_flow
 from tasks.config import ConfigError, config_from_dict
-from tasks.types import DataError
+from tasks.types import DataError, StorageError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -119,14 +119,28 @@ def test_bad_data_writes_no_run_and_registers_nothing(tracking_uri: str, tmp_pat
     assert client.search_registered_models() == []
 
 
-def test_failure_after_the_run_started_marks_it_failed(tracking_uri: str, tmp_path: Path) -> None:
-    # Ingest accepts it; the gate metric does not apply to a regression target, after training.
-    cfg = _cfg("synthetic:line", "linear", train={"epochs": 2}, gate={"metric": "test_accuracy"})
-    with pytest.raises(ConfigError, match=r"gate\.metric 'test_accuracy' does not apply"):
+def test_failure_after_the_run_started_marks_it_failed(tracking_uri: str, tmp_path: Path, monkeypatch) -> None:
+    # The checkpoint directory is a file: training cannot save its first epoch, after the run started.
+    (tmp_path / "ckpt").write_text("not a directory")
+    monkeypatch.setenv("TORCHCYCLE_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    cfg = _cfg("synthetic:line", "linear", train={"epochs": 2})
+    with pytest.raises(StorageError, match=r"ckpt is a file, not a directory"):
         training_flow(cfg, tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_registered_models() == []
+
+
+def test_a_gate_metric_the_inferred_task_lacks_is_refused_before_any_run(tracking_uri: str, tmp_path: Path) -> None:
+    # file: source, task auto: the task (regression) is known only after ingest, still before the MLflow run
+    pd.DataFrame({"x": np.arange(40.0), "y": np.arange(40.0) * 0.5}).to_csv(tmp_path / "t.csv", index=False)
+    cfg = _cfg(f"file:{tmp_path / 't.csv'}", "mlp", data={"target": "y"}, gate={"metric": "test_accuracy"})
+    with pytest.raises(ConfigError, match=r"gate\.metric"):
+        training_flow(cfg, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
     assert client.search_registered_models() == []
 
 

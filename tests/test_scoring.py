@@ -93,9 +93,11 @@ def test_check_schema_reports_every_problem_at_once() -> None:
     assert "prediction would be overwritten" in msg
 
 
-def test_check_schema_accepts_ints_and_bools_for_numbers_and_empty_columns() -> None:
-    schema = pa.schema([("x1", pa.int32()), ("x2", pa.bool_()), ("color", pa.null()), ("extra", pa.string())])
+def test_check_schema_accepts_ints_for_numbers_and_empty_columns_but_not_bools() -> None:
+    schema = pa.schema([("x1", pa.int32()), ("x2", pa.float32()), ("color", pa.null()), ("extra", pa.string())])
     check_schema(schema, {"x1": "number", "x2": "number", "color": "string"}, "in.csv")
+    with pytest.raises(DataError, match="'x2' must be number, found bool"):
+        check_schema(schema.set(1, pa.field("x2", pa.bool_())), {"x2": "number"}, "in.csv")
 
 
 def test_score_batch_keeps_rows_order_and_adds_lineage() -> None:
@@ -218,7 +220,7 @@ def test_directory_mode_writes_one_file_per_input_and_skips_scored_ones(register
 
     first = scoring_flow(f"{NAME}/1", str(inputs), str(outdir), tracking_uri=uri)
     names = sorted(p.name for p in outdir.iterdir())
-    assert names == [f"day1.{NAME}-v1.parquet", f"day2.{NAME}-v1.parquet"]
+    assert names == [f"day1.parquet.{NAME}-v1.parquet", f"day2.csv.{NAME}-v1.parquet"]
     assert [len(pd.read_parquet(outdir / n)) for n in names] == [40, 30] and first.rows == 70
 
     again = scoring_flow(f"{NAME}/1", str(inputs), str(outdir), tracking_uri=uri)
@@ -252,7 +254,7 @@ def test_bad_value_deep_in_a_csv_leaves_no_output(registered: dict, tmp_path: Pa
     with open(src, "a") as fh:
         fh.write("999,not-a-number,3,red,n999\n")
     out = tmp_path / "scored.parquet"
-    with pytest.raises(DataError, match=r"cannot read .*big\.csv"):
+    with pytest.raises(DataError, match=r"big\.csv: column 'x1' must be number: CSV conversion error .*'not-a-number'"):
         scoring_flow(NAME, str(src), str(out), batch_rows=4096, tracking_uri=registered["uri"])
     assert list(tmp_path.glob("*.parquet*")) == []
 
@@ -317,6 +319,19 @@ def test_mlflow_serving_answers_like_batch_scoring(registered: dict, tmp_path: P
         resp = httpx.post(f"{base}/invocations", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
         online = pd.DataFrame(resp.json()["predictions"])
+        # Bad requests: MLflow's 400 carrying the model's own message; no stack trace, no server paths.
+        row = features.iloc[:1].astype(object)
+        for change, needle in [
+            ({"x1": 1e308}, "overflow the model's float32 arithmetic"),
+            ({"x1": None}, "'x1' fails not-null"),
+            ({"color": "purple"}, "'color' fails its training categories"),
+        ]:
+            bad = row.assign(**change)
+            body = {"dataframe_split": json.loads(bad.to_json(orient="split", index=False))}
+            answer = httpx.post(f"{base}/invocations", json=body, timeout=60)
+            assert answer.status_code == 400, (change, answer.status_code, answer.text[:2000])
+            assert needle in answer.json()["message"], (change, answer.text[:2000])
+            assert "Traceback" not in answer.text and str(Path.cwd()) not in answer.text, answer.text[:2000]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -369,7 +384,7 @@ def test_plan_scoring_says_why_there_is_nothing_to_do(tmp_path: Path) -> None:
     work = plan_scoring(_Registry("1"), ref, str(incoming), out)
     assert work.idle is None and work.model == ResolvedModel("m", "1", "r1")
     out.mkdir()
-    (out / "a.m-v1.parquet").write_bytes(b"")  # scored by v1 already
+    (out / "a.parquet.m-v1.parquet").write_bytes(b"")  # scored by v1 already
     assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == (
         f"all 1 file(s) in {incoming} already scored by m v1"
     )

@@ -3,19 +3,64 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import ClickException  # typer vendors click: its parser raises this one
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, track, register and score torch models.")
+
+class _OneLineUsageErrors(TyperGroup):
+    """A bad option or argument is one `error:` line (exit 2) like every other refusal, not a usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except ClickException as err:
+            where = f" (see {err.ctx.command_path} --help)" if getattr(err, "ctx", None) is not None else ""
+            typer.secho(f"error: {err.format_message()}{where}", fg="red", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, track, register and score torch models.",
+)
 DEFAULT_CONFIG = Path("configs/digits_cnn.yaml")
 EXIT_BAD_INPUT = 2
 EXIT_SERVICE_DOWN = 3  # a server we depend on is down: worth retrying later, unlike bad input
+EXIT_BUG = 1  # none of the above: a bug of ours; TORCHCYCLE_DEBUG=1 (or --debug) shows the traceback
+DEBUG_ENV = "TORCHCYCLE_DEBUG"
+
+
+_options_given = {"debug": False}  # this invocation's global options (set afresh by every invocation)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an error line.")] = False,
+) -> None:
+    _options_given["debug"] = debug
+
+
+def _debug() -> bool:
+    return _options_given["debug"] or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
 
 
 def _setup_env() -> None:
@@ -36,13 +81,12 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 class _NoTracebackForBadInput:
-    """Logging filter: a task that failed on bad input is logged as one line, not a traceback.
-
-    The CLI prints the error itself; a stack trace of Prefect internals would only bury it."""
+    """Logging filter: a failed task or flow is logged on the console as one line, not a traceback. The CLI
+    prints the error itself; a stack trace of Prefect internals would only bury it."""
 
     def filter(self, record) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc, _bad_input_errors()):
+        # a bug's traceback too: the CLI's error line names it and --debug prints it (the Prefect UI keeps it)
+        if record.exc_info and not _debug():
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -102,16 +146,48 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-@contextlib.contextmanager
-def _service_errors():
-    """A server refusing us (exit 2, its own message) or down after the tasks' retries (exit 3): one line."""
-    try:
-        yield
-    except Exception as err:
-        found = _tracking_failure(err)
-        if found is None:
+def _classify(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for every failure with a known cause; None for a bug of ours."""
+    from tasks.retry import file_system_refusal, is_lock_timeout
+
+    if isinstance(err, _bad_input_errors()):
+        return str(err), EXIT_BAD_INPUT
+    if file_system_refusal(err):
+        assert isinstance(err, OSError)
+        where = err.filename or "a file"
+        return f"cannot use {where}: {err.strerror or type(err).__name__}", EXIT_BAD_INPUT
+    if is_lock_timeout(err):
+        from tasks.tracking import resolve_tracking_uri
+
+        return (
+            f"the tracking store {resolve_tracking_uri()} stayed locked by another process, after retries; "
+            "try again when it has finished",
+            EXIT_SERVICE_DOWN,
+        )
+    return _tracking_failure(err)
+
+
+def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure of a command ends in one `error:` line and its exit code: 2 bad input (config, data,
+    a server's refusal, a file system saying no), 3 a server down or busy after retries, 1 a bug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
             raise
-        raise _fail(*found) from None
+        except Exception as err:
+            found = _classify(err)
+            if _debug():
+                import traceback
+
+                traceback.print_exc()
+            if found is None:
+                found = (f"unexpected {type(err).__name__}: {_first_line(err)} (--debug shows where)", EXIT_BUG)
+            raise _fail(*found) from None
+
+    return wrapper
 
 
 def _preflight(cfg) -> None:
@@ -124,6 +200,7 @@ def _preflight(cfg) -> None:
 
 
 @app.command()
+@_clean_errors
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
@@ -138,11 +215,8 @@ def train(
     _setup_env()
     from tasks.config import load_config
 
-    try:
-        cfg = load_config(config, set_ or [])
-        _preflight(cfg)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    cfg = load_config(config, set_ or [])
+    _preflight(cfg)
     if nproc > 1:
         # torchrun starts N processes of torchcycle.ddp: NCCL on GPUs, gloo on CPU; rank 0 runs the flow.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -155,16 +229,13 @@ def train(
     run_training(cfg, as_json, cache=not no_cache)
 
 
+@_clean_errors  # also rank 0's entry under DDP, outside Typer
 def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
     """The training flow plus its printed summary (also rank 0's job under DDP)."""
-    try:
-        from flows.training import training_flow
+    from flows.training import training_flow
 
-        _quiet_bad_input_tracebacks()
-        with _service_errors():
-            summary = training_flow(cfg, cache=cache)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    _quiet_bad_input_tracebacks()
+    summary = training_flow(cfg, cache=cache)
     _print_training(summary)
     if as_json:
         print(
@@ -181,6 +252,7 @@ def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
 
 
 @app.command()
+@_clean_errors
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
@@ -190,22 +262,19 @@ def run(
     _setup_env()
     from tasks.config import load_config
 
-    try:
-        cfg = load_config(config, set_ or [])
-        _preflight(cfg)
-        from flows.lifecycle import lifecycle_flow
+    cfg = load_config(config, set_ or [])
+    _preflight(cfg)
+    from flows.lifecycle import lifecycle_flow
 
-        _quiet_bad_input_tracebacks()
-        with _service_errors():
-            summary = lifecycle_flow(cfg, workdir=str(workdir))
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    _quiet_bad_input_tracebacks()
+    summary = lifecycle_flow(cfg, workdir=str(workdir))
     _print_training(summary.training, ui_hint=False)
     _print_scoring(summary.scoring)
     _print_ui_hint()
 
 
 @app.command()
+@_clean_errors
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME (= NAME@champion), NAME@alias or NAME/version.")],
     input_: Annotated[str, typer.Option("--input", "-i", help="CSV/Parquet file, directory or glob.")],
@@ -217,18 +286,14 @@ def predict(
     """Batch-score files with a registered model into Parquet (written atomically)."""
     _setup_env()
     from tasks.ingest import find_inputs
-    from tasks.scoring import ModelRef
+    from tasks.scoring import ModelRef, check_output
 
-    try:
-        ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
-        find_inputs(input_)
-        from flows.scoring import scoring_flow
+    ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
+    check_output(input_, find_inputs(input_), output)
+    from flows.scoring import scoring_flow
 
-        _quiet_bad_input_tracebacks()
-        with _service_errors():
-            result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    _quiet_bad_input_tracebacks()
+    result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
     _print_scoring(result)
     if as_json:
         print(
@@ -287,6 +352,7 @@ def _print_training(summary, ui_hint: bool = True) -> None:
 
 
 @app.command()
+@_clean_errors
 def ui(
     port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
@@ -326,14 +392,13 @@ def _client():
 
 
 @app.command("models")
+@_clean_errors
 def models_cmd(
     name: Annotated[str | None, typer.Argument(help="Registered model; all models when left out.")] = None,
 ) -> None:
     """A table of registered models, or of one model's versions with aliases and gate status."""
     _setup_env()
-    client = _client()
-    with _service_errors():
-        _models_table(client, name)
+    _models_table(_client(), name)
 
 
 def _models_table(client, name: str | None) -> None:
@@ -342,14 +407,11 @@ def _models_table(client, name: str | None) -> None:
 
     from tasks import registry
 
-    try:
-        if name is None:
-            names = registry.list_models(client)
-            typer.echo("\n".join(names) if names else "no registered models yet: run `torchcycle train`")
-            return
-        rows = registry.list_versions(client, name)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    if name is None:
+        names = registry.list_models(client)
+        typer.echo("\n".join(names) if names else "no registered models yet: run `torchcycle train`")
+        return
+    rows = registry.list_versions(client, name)
     table = Table(title=name)
     for col in ("version", "aliases", "status", "metric", "value", "created", "run id"):
         table.add_column(col)
@@ -362,6 +424,7 @@ def _models_table(client, name: str | None) -> None:
 
 
 @app.command("promote")
+@_clean_errors
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version to promote.")],
@@ -371,25 +434,18 @@ def promote_cmd(
     _setup_env()
     from tasks import registry
 
-    try:
-        with _service_errors():
-            previous = registry.promote(_client(), name, version, alias)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
-    typer.echo(f"{name}@{alias}: v{previous or '-'} -> v{version}")
+    previous = registry.promote(_client(), name, version, alias)
+    typer.echo(f"{name}@{alias}: v{previous or '-'} -> v{registry.check_version(version)}")
 
 
 @app.command("rollback")
+@_clean_errors
 def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
     """Move champion back to the previous champion."""
     _setup_env()
     from tasks import registry
 
-    try:
-        with _service_errors():
-            old, new = registry.rollback(_client(), name)
-    except _bad_input_errors() as err:
-        raise _fail(str(err)) from None
+    old, new = registry.rollback(_client(), name)
     typer.echo(f"{name}@champion: v{old or '-'} -> v{new}")
 
 
@@ -433,6 +489,7 @@ def _with_server_schedules(specs):
 
 
 @app.command()
+@_clean_errors
 def deploy(
     pool: Annotated[str, typer.Option(help="Process work pool (created when missing).")] = "torchcycle",
     source: Annotated[Path, typer.Option(help="Project directory as the worker sees it.")] = Path("."),
@@ -459,17 +516,16 @@ def deploy(
 
     from flows.deployments import runner_deployments
 
-    with _service_errors():
-        _ensure_process_pool(pool)
-        specs, changes, existing = _with_server_schedules(specs)
-        prefect_deploy(
-            *runner_deployments(specs, source=str(source.resolve()), existing=existing),
-            work_pool_name=pool,
-            build=False,
-            push=False,
-            print_next_steps_message=False,
-            ignore_warnings=True,  # its advice (serve instead) does not apply: the worker runs them
-        )
+    _ensure_process_pool(pool)
+    specs, changes, existing = _with_server_schedules(specs)
+    prefect_deploy(
+        *runner_deployments(specs, source=str(source.resolve()), existing=existing),
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,  # its advice (serve instead) does not apply: the worker runs them
+    )
     for line in changes:
         typer.echo(f"deployed {line}")
     typer.echo(f"pool {pool}: start a worker with  prefect worker start --pool {pool} --type process")
@@ -486,6 +542,7 @@ def _ensure_process_pool(pool: str) -> None:
 
 
 @app.command()
+@_clean_errors
 def serve(
     config: _DeployConfig = "configs/digits_cnn.yaml",
     model: _ScoreModel = "digits-cnn",
@@ -532,8 +589,7 @@ def _serve(specs) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    with _service_errors():
-        specs, changes, existing = _with_server_schedules(specs)
+    specs, changes, existing = _with_server_schedules(specs)
     for line in changes:
         typer.echo(f"serving {line}")
     with contextlib.suppress(KeyboardInterrupt):

@@ -280,7 +280,7 @@ class GateConfig(_Strict):
 
 
 # ---- schedules of the retrain/score deployments ------------------------------------------------------
-_INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
+_INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$", re.ASCII)  # ASCII: no other scripts' digits
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SCHEDULE_HELP = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'off'"
 
@@ -323,8 +323,8 @@ def parse_schedule(text: str | bool | int | float, timezone: str = "UTC") -> Sch
     match = _INTERVAL.match(raw.lower())
     if match:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-        if not 0 < seconds <= 366 * 86400:
-            raise ValueError(f"schedule interval '{raw}' must be more than 0 s and at most a year")
+        if not 1 <= seconds <= 366 * 86400:  # below a second the scheduler would start runs back to back
+            raise ValueError(f"schedule interval '{raw}' must be at least 1 s and at most a year")
         return ScheduleSpec("interval", f"{seconds:g}")
     if len(raw.split()) == 5:
         from prefect.client.schemas.schedules import CronSchedule
@@ -354,9 +354,17 @@ class DeploymentSection(_Strict):
 
     @model_validator(mode="after")
     def _schedules(self) -> DeploymentSection:
-        for value in (self.retrain, self.score):
-            if value is not None:
+        problems = []
+        for which in ("retrain", "score"):
+            value = getattr(self, which)
+            if value is None:
+                continue
+            try:
                 parse_schedule(value, self.timezone)
+            except ValueError as err:  # each under its own key: deployment.retrain / deployment.score
+                problems.append(((which,), str(err)))
+        if problems:
+            raise _problems("DeploymentSection", problems)
         return self
 
     def schedule(self, which: Literal["retrain", "score"]) -> ScheduleSpec | None:

@@ -143,7 +143,9 @@ def test_schedules_parse_cron_intervals_and_off(text, kind: str, value: str, des
         ("every tuesday", "is neither a cron line"),
         ("0 2 * *", "is neither a cron line"),
         ("61 2 * * *", "invalid cron line"),
-        ("0s", "more than 0 s"),
+        ("0s", "at least 1 s"),
+        ("0.5s", "at least 1 s"),
+        ("\u0663m", "is neither"),  # an Arabic-Indic 3: only ASCII digits
         ("400d", "at most a year"),
         ("-5m", "is neither"),
         ("", "is neither"),
@@ -167,7 +169,8 @@ def test_deployment_section_is_validated_and_outside_the_config_hash() -> None:
     assert not any(k.startswith("deployment") for k in cfg.flat_params())
     for bad, needle in (
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
-        ({"score": "whenever"}, "deployment: schedule 'whenever' is neither"),
+        ({"score": "whenever"}, "deployment.score: schedule 'whenever' is neither"),
+        ({"retrain": "1d", "score": "0.2s"}, "deployment.score: schedule interval .0.2s. must be at least 1 s"),
         ({"retrain": "0 3 * * *", "every": "1h"}, "deployment.every: unknown key"),
         ({"retrain": False, "score": "on"}, "schedule 'on' is neither"),
     ):

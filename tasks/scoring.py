@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from tasks.atomic import atomic_target, check_writable_target
 from tasks.ingest import SUFFIXES, NoInputs, find_inputs
 from tasks.retry import is_not_found
-from tasks.types import LINEAGE_COLUMNS, DataError, is_output_column
+from tasks.types import LINEAGE_COLUMNS, DataError, StorageError, is_output_column
 
 DEFAULT_BATCH_ROWS = 65_536  # rows per record batch: bounded memory whatever the file size
 
@@ -426,11 +426,23 @@ class Scorer:
         start = time.perf_counter()
         files: list[FileResult] = []
         if output_is_directory(output):
+            refused: list[str] = []
             for path, target in output_targets(inputs, output, self.model):
                 if target.exists():
                     files.append(FileResult(str(path), str(target), 0, file_digest(path), skipped=True))
                     continue
-                files += self._write(target, [path])
+                try:
+                    files += self._write(target, [path])
+                except StorageError:  # the output side: every other file would meet it too
+                    raise
+                except DataError as err:  # one bad file does not hold up the others (nor every later run)
+                    refused.append(str(err))
+            if refused:
+                scored = sum(not f.skipped for f in files)
+                raise DataError(
+                    f"{len(refused)} of {len(inputs)} file(s) refused ({scored} scored, their outputs are "
+                    f"written): " + "; ".join(refused)
+                )
         else:
             files = self._write(output, inputs)
         return ScoreResult(self.model, tuple(files), time.perf_counter() - start, str(output))

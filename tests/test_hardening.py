@@ -84,8 +84,9 @@ def _error_lines(output: str) -> list[str]:
 # ---- the corpus -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """`setup(d)` writes the case's files under d and returns the CLI arguments. `check(d)`, for exit 0:
-    what must exist afterwards. For exit != 0 nothing may exist under d/out* and the registry is unchanged."""
+    """`setup(d)` writes the case's files under d and returns the CLI arguments. `check(d)`: what must exist
+    afterwards. For exit != 0 the registry is unchanged and, unless `check` says otherwise, nothing exists
+    under d/out*."""
 
     id: str
     setup: Callable[[Path], list[str]]
@@ -108,6 +109,11 @@ def _csv(path: Path, frame: pd.DataFrame | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     (_features() if frame is None else frame).to_csv(path, index=False)
     return path
+
+
+def _write_bytes(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path.parent
 
 
 def _dir(path: Path) -> Path:
@@ -317,6 +323,15 @@ PREDICT_CASES = [
         "no .csv or .parquet files",
     ),
     Case(
+        "one corrupt file among good ones, directory output",
+        lambda d: _predict(
+            _write_bytes(_parquet(d / "in" / "a.parquet").parent / "b.parquet", b"PAR1 torn"), d / "out"
+        ),
+        2,
+        "1 of 2 file(s) refused (1 scored, their outputs are written): cannot read",
+        lambda d: _rows(d / "out" / f"a.parquet.{NAME}-v1.parquet", 40),
+    ),
+    Case(
         "output in directories that do not exist yet",
         lambda d: _predict(_parquet(d / "in.parquet"), d / "out" / "a" / "b" / "scored.parquet"),
         0,
@@ -399,8 +414,11 @@ def test_corpus(store: dict, tmp_path: Path, monkeypatch, case: Case) -> None:
             case.check(tmp_path)
     else:
         assert len(_error_lines(output)) == 1, output
-        left = [p for p in tmp_path.glob("out*") if p.is_file() or any(p.rglob("*.parquet"))]
-        assert left == [] or case.id.startswith("output "), left  # refusals about the output leave it as it was
+        if case.check is not None:  # what must exist all the same (the good files of a directory)
+            case.check(tmp_path)
+        else:
+            left = [p for p in tmp_path.glob("out*") if p.is_file() or any(p.rglob("*.parquet"))]
+            assert left == [] or case.id.startswith("output "), left  # refusals about the output leave it as is
         assert not list(tmp_path.rglob("*.partial")), "a temp file was left behind"
         assert _registry(store["uri"]) == before, "the registry changed"
     if case.id == "output is the input":

@@ -75,12 +75,17 @@ def atomic_target(path: Path) -> Iterator[Path]:
             os.fsync(fh.fileno())  # the bytes are on disk before the name says the file is complete
         os.replace(temp, path)
     except OSError as err:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise storage_error(err, path) from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
+        _discard(temp)
         raise
+
+
+def _discard(temp: Path) -> None:
+    # a read-only file system refuses even the unlink of a file that was never made (EROFS, not ENOENT)
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def storage_error(err: OSError, path: Path) -> StorageError:

@@ -9,6 +9,8 @@ test_config_corpus.py, registry ones in test_registry_inputs.py.
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -453,6 +455,26 @@ def test_a_tracking_store_the_os_refuses_is_exit_2(tmp_path, monkeypatch) -> Non
     assert result.exit_code == 2, result.output
     [line] = _error_lines(result.output)
     assert line.startswith("error: cannot use /sys/torchcycle-hardening: "), line  # EACCES or EPERM
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) to mount read-only")
+def test_an_output_on_a_read_only_file_system_is_one_error_line(store: dict, tmp_path: Path) -> None:
+    """The real thing: the output directory bind-mounted read-only in a private mount namespace."""
+    src, out = _parquet(tmp_path / "in.parquet"), tmp_path / "ro"
+    out.mkdir()
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("unshare --mount is not permitted here (needs root or user namespaces)")
+    predict = [sys.executable, "-m", "torchcycle", "predict", "-m", NAME, "-i", str(src), "-o", str(out / "s.parquet")]
+    script = f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && exec {shlex.join(predict)}"
+    env = cli_env(MLFLOW_TRACKING_URI=store["uri"], TORCHCYCLE_IO_RETRY_DELAYS="1,1,1")
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _error_lines(done.stderr) == [f"error: cannot write {out / 's.parquet'}: Read-only file system"]
+    assert "Traceback" not in done.stderr and "Retry" not in done.stderr  # never retried
+    assert list(out.iterdir()) == []
 
 
 def test_errors_are_classified_by_kind() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -22,9 +23,18 @@ from tasks.types import StorageError
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
+def _prefix(path: Path) -> str:
+    """`.NAME.HOST.`; a long NAME is shortened (with a hash of it) so the temp name stays within the file
+    system's 255 bytes whenever the target's own name does."""
+    name = path.name
+    if len(name.encode()) > 150:
+        name = name.encode()[:100].decode(errors="ignore") + "-" + hashlib.sha256(path.name.encode()).hexdigest()[:12]
+    return f".{name}.{_HOST}."
+
+
 def temp_path(path: Path) -> Path:
     """A fresh hidden name beside `path`: `.NAME.HOST.PID.RANDOM.partial` (same directory: same file system)."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    return path.with_name(f"{_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.partial")
 
 
 def _alive(pid: int) -> bool:
@@ -39,7 +49,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(path: Path) -> None:
     """Remove temps of `path` left by writers on this host whose process has ended (killed, crashed)."""
-    prefix = f".{path.name}.{_HOST}."
+    prefix = _prefix(path)
     for temp in path.parent.glob(f"{glob.escape(prefix)}*.partial"):
         pid = temp.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):

@@ -101,6 +101,25 @@ def _header(path: Path, suffix: str) -> list[str]:
         return next(csv.reader(fh), [])
 
 
+# Read as missing in a column of numbers only (pyarrow's rule, which scoring uses): in a text column 'NA' is
+# a value (a class, a country code), not a hole; pandas' default would drop those rows' labels silently.
+_NUMBER_NULLS = frozenset({"NA", "N/A", "#N/A", "NULL", "null", "NaN", "nan", "-NaN", "-nan", "None", "none"})
+
+
+def _numbers_where_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """A text column whose every value is a number or a null token becomes numbers (nulls NaN)."""
+    out = frame
+    for col in frame.columns:
+        s = frame[col]
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        holes = s.isin(_NUMBER_NULLS) | s.isna()
+        numbers = pd.to_numeric(s.where(~holes), errors="coerce")
+        if not holes.all() and numbers.notna().sum() == (~holes).sum():
+            out = out.assign(**{col: numbers})  # a new frame: the one read stays as it was
+    return out
+
+
 def _check_unique(names: list[str], path: Path) -> None:
     seen: set[str] = set()
     dups = sorted({n for n in names if n in seen or seen.add(n)})
@@ -119,7 +138,7 @@ def read_table(path: Path) -> pd.DataFrame:
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
             _check_unique(_header(path, suffix), path)
-            frame = pd.read_csv(path)
+            frame = _numbers_where_numbers(pd.read_csv(path, keep_default_na=False, na_values=[""]))
         else:
             raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
     except DataError:

@@ -163,28 +163,17 @@ def _names(cols: list[str], show: int = 6) -> str:
 _CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
 
 
-class CsvRetype(Exception):
-    """A pass-through CSV column whose type, guessed from the file's first block, does not hold further down
-    (empty for 89,000 rows, then text): the file is read again with that column as text."""
-
-    def __init__(self, column: str) -> None:
-        super().__init__(column)
-        self.column = column
-
-
 _CSV_CELL = re.compile(r"In CSV column #(\d+): (.*)", re.S)
 
 
 def _csv_error(err: Exception, path: Path, names: list[str], expected: dict[str, str]) -> Exception:
-    """pyarrow's 'In CSV column #3: Row #9: CSV conversion error ...' -> CsvRetype for a pass-through
-    column, or a DataError naming the column by name for a model column."""
+    """pyarrow's 'In CSV column #3: CSV conversion error ...' -> a DataError naming the column."""
     m = _CSV_CELL.match(str(err).strip())
     if m is None or int(m.group(1)) >= len(names):
         return DataError(f"cannot read {path}: {_short(err)}")
     column, what = names[int(m.group(1))], _short(Exception(m.group(2)))
-    if column not in expected:
-        return CsvRetype(column)
-    return DataError(f"{path}: column '{column}' must be {expected[column]}: {what}")
+    kind = f" must be {expected[column]}" if column in expected else ""
+    return DataError(f"{path}: column '{column}'{kind}: {what}")
 
 
 def _csv_names(path: Path) -> list[str]:
@@ -199,15 +188,16 @@ def _csv_names(path: Path) -> list[str]:
 
 @contextmanager
 def open_batches(
-    path: Path, expected: dict[str, str], batch_rows: int, text_columns: frozenset[str] = frozenset()
+    path: Path, expected: dict[str, str], batch_rows: int
 ) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]]:
     """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError.
 
-    `text_columns`: CSV columns to read as text whatever they look like (see CsvRetype)."""
+    CSV columns the model does not use are carried as the text they hold: a guessed type would turn the ID
+    00042 into 42, round a 20-digit ID through float64, or fail on text after 100,000 empty rows."""
     pf: pq.ParquetFile | None = None
     try:
         if path.suffix.lower() == ".csv":
-            types = {c: pa.string() for c in text_columns}
+            types = {c: pa.string() for c in _csv_names(path) if c not in expected}
             # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
             types.update({c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES})
             reader = pacsv.open_csv(
@@ -448,34 +438,24 @@ class Scorer:
         return ScoreResult(self.model, tuple(files), time.perf_counter() - start, str(output))
 
     def _write(self, target: Path, inputs: list[Path]) -> list[FileResult]:
-        """Score `inputs` into one atomic `target`. A pass-through CSV column whose first-block type does not
-        hold over the whole file is re-read as text, and the output written again (CsvRetype)."""
-        text: frozenset[str] = frozenset()
-        while True:
-            try:
-                with atomic_parquet(target) as write:
-                    return [self._score_file(path, target, write, text) for path in inputs]
-            except CsvRetype as again:
-                if again.column in text:  # cannot happen for a text column; never loop
-                    raise DataError(f"cannot read column '{again.column}' of {inputs}") from None
-                text |= {again.column}
+        """Score `inputs` into one atomic `target`."""
+        with atomic_parquet(target) as write:
+            return [self._score_file(path, target, write) for path in inputs]
 
-    def _score_file(
-        self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None], text: frozenset[str]
-    ) -> FileResult:
+    def _score_file(self, path: Path, target: Path, write: Callable[[pa.RecordBatch], None]) -> FileResult:
         from concurrent.futures import ThreadPoolExecutor
 
         # Hash the input on a second thread while scoring (hashlib releases the GIL on large reads).
         with ThreadPoolExecutor(1) as pool:
             digest = pool.submit(file_digest, path)
-            rows = self._score_rows(path, write, text)
+            rows = self._score_rows(path, write)
             return FileResult(str(path), str(target), rows, digest.result())
 
-    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None], text: frozenset[str]) -> int:
+    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None]) -> int:
         from tqdm.auto import tqdm
 
         rows = 0
-        with open_batches(path, self.expected, self.batch_rows, text) as (schema, batches, total):
+        with open_batches(path, self.expected, self.batch_rows) as (schema, batches, total):
             check_schema(schema, self.expected, str(path), self.outputs)
             missing_ids = [c for c in self.id_cols if c not in schema.names]
             if missing_ids:

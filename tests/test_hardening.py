@@ -118,6 +118,21 @@ def _write_bytes(path: Path, content: bytes) -> Path:
     return path.parent
 
 
+def _ids_csv(d: Path) -> Path:
+    path = _csv(d / "ids.csv", _features().drop(columns=["row_id"]))
+    lines = path.read_text().splitlines()
+    rows = [f"rid,zip,{lines[0]}"] + [f"{i:05d},0{2134 + i},{line}" for i, line in enumerate(lines[1:])]
+    rows[2] = "12345678901234567891," + rows[2].split(",", 1)[1]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _ids_kept(d: Path) -> None:
+    scored = pd.read_parquet(d / "out.parquet")
+    assert scored["rid"].tolist()[:3] == ["00000", "12345678901234567891", "00002"]
+    assert scored["zip"].iloc[0] == "02134"
+
+
 def _dir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
@@ -332,6 +347,32 @@ PREDICT_CASES = [
         2,
         "1 of 2 file(s) refused (1 scored, their outputs are written): cannot read",
         lambda d: _rows(d / "out" / f"a.parquet.{NAME}-v1.parquet", 40),
+    ),
+    Case(
+        "an empty --output (an unset shell variable)",
+        lambda d: _predict(_parquet(d / "in.parquet"), ""),
+        2,
+        "--output is empty",
+    ),
+    Case(
+        "an empty --input",
+        lambda d: _predict("", d / "out.parquet"),
+        2,
+        "--input is empty",
+    ),
+    Case(
+        "a 240-character output name",
+        lambda d: _predict(_parquet(d / "in.parquet"), d / "out" / ("x" * 232 + ".parquet")),
+        0,
+        "scored 40 rows",
+        lambda d: _rows(d / "out" / ("x" * 232 + ".parquet"), 40),
+    ),
+    Case(
+        "CSV IDs with leading zeros and 20 digits",
+        lambda d: _predict(_ids_csv(d), d / "out.parquet", "--id-col", "rid"),
+        0,
+        "scored 40 rows",
+        _ids_kept,
     ),
     Case(
         "output in directories that do not exist yet",

@@ -187,7 +187,8 @@ def test_scoring_flow_matches_the_registered_pyfunc_and_records_lineage(register
 
     scored = pd.read_parquet(out)
     assert len(scored) == len(frame) == result.rows
-    assert scored["row_id"].tolist() == frame["row_id"].tolist()  # same rows, same order
+    # same rows, same order; a CSV pass-through column is carried as the text it holds
+    assert scored["row_id"].tolist() == frame["row_id"].astype(str).tolist()
     assert scored["note"].tolist() == frame["note"].tolist()
     assert list(scored.columns) == [
         "row_id", "note", "prediction", "proba_high", "proba_low", "model_name", "model_version", "model_run_id",

@@ -312,3 +312,14 @@ def test_files_of_one_table_must_agree_on_numbers(tmp_path: Path) -> None:
     pd.DataFrame({"x": ["high", "low"], "y": [1, 0]}).to_parquet(tmp_path / "b.parquet")
     with pytest.raises(DataError, match=r"column 'x' holds str in .*b\.parquet but float64 in .*a\.parquet"):
         ingest(DataConfig(source=f"file:{tmp_path}", target="y"))
+
+
+def test_na_text_is_a_value_in_a_text_column_and_missing_in_a_number_column(tmp_path: Path) -> None:
+    """pandas' default would read the class 'NA' (or the country code) as missing and drop those rows."""
+    from tasks.ingest import read_table
+
+    path = tmp_path / "na.csv"
+    path.write_text("x1,color,label,n\n1.5,NA,NA,NA\n2.5,red,US,3\n3,None,FR,\n")
+    frame = read_table(path)
+    assert frame["label"].tolist() == ["NA", "US", "FR"] and frame["color"].tolist() == ["NA", "red", "None"]
+    assert frame["n"].isna().tolist() == [True, False, True] and frame["n"].iloc[1] == 3.0

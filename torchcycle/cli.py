@@ -278,7 +278,7 @@ def run(
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME (= NAME@champion), NAME@alias or NAME/version.")],
     input_: Annotated[str, typer.Option("--input", "-i", help="CSV/Parquet file, directory or glob.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.parquet, or a directory: one file per input.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="FILE.parquet, or a directory: one file per input.")],
     id_col: Annotated[list[str] | None, typer.Option("--id-col", help="Column to carry into the output first.")] = None,
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows per streamed batch.")] = 65_536,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
@@ -287,13 +287,17 @@ def predict(
     _setup_env()
     from tasks.ingest import find_inputs
     from tasks.scoring import ModelRef, check_output
+    from tasks.types import DataError
 
+    for option, value in (("--input", input_), ("--output", output)):
+        if not value.strip():  # an unset shell variable: never "the current directory"
+            raise DataError(f"{option} is empty: give a file, a directory or a glob")
     ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
-    check_output(input_, find_inputs(input_), output)
+    check_output(input_, find_inputs(input_), Path(output))
     from flows.scoring import scoring_flow
 
     _quiet_bad_input_tracebacks()
-    result = scoring_flow(model, input_, str(output), id_col or [], batch_rows)
+    result = scoring_flow(model, input_, output, id_col or [], batch_rows)
     _print_scoring(result)
     if as_json:
         print(

@@ -59,6 +59,37 @@ def artifact_markdown(flow_run_id: str) -> str:
     return "\n".join(str(a["data"]) for a in resp.json())
 
 
+def labelled_table(n: int = 300, seed: int = 0):
+    """A small mixed table (number, integer, category) with a yes/no label the features decide."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=n), rng.integers(0, 10, size=n)
+    color = rng.choice(["red", "green", "blue"], size=n)
+    label = np.where(x1 + 0.2 * x2 + (color == "red") > 1.2, "yes", "no")
+    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
+
+
+def train_store(root: Path, config: str) -> dict:
+    """Train `config` (YAML text; `{train}` stands for the training CSV's path) through the CLI into an
+    embedded store under `root`: a registered champion (v1) to score with and compare the registry against."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from torchcycle.cli import app
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    train_csv = root / "train.csv"
+    labelled_table().to_csv(train_csv, index=False)
+    (root / "train.yaml").write_text(config.replace("{train}", str(train_csv)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        result = CliRunner().invoke(app, ["train", "--config", str(root / "train.yaml")])
+    assert result.exit_code == 0, result.output
+    return {"uri": uri, "root": root}
+
+
 def prefect_logs_follow_stderr() -> None:
     """Point Prefect's console log handlers at whatever sys.stderr is when they write, so in-process CLI runs
     (CliRunner swaps the streams per invocation) get the logs, not '--- Logging error ---' on a closed stream."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_output
+from conftest import cli_output, labelled_table, train_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
@@ -24,28 +24,10 @@ NAME = "corpus-model"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _good(n: int = 300, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    x1, x2 = rng.normal(size=n), rng.integers(0, 10, size=n)
-    color = rng.choice(["red", "green", "blue"], size=n)
-    label = np.where(x1 + 0.2 * x2 + (color == "red") > 1.2, "yes", "no")
-    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """A registered champion (v1) to score with and to compare the registry against."""
-    root = tmp_path_factory.mktemp("corpus")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    train_csv = root / "train.csv"
-    _good().to_csv(train_csv, index=False)
-    config = root / "train.yaml"
-    config.write_text(_config(train_csv))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        result = CliRunner().invoke(app, ["train", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    return {"uri": uri, "root": root}
+    return train_store(tmp_path_factory.mktemp("corpus"), _config(Path("{train}")))
 
 
 def _config(path: Path, target: str = "label") -> str:
@@ -74,7 +56,7 @@ def _write(path: Path, content: pd.DataFrame | bytes | str) -> Path:
 
 
 def _truncated_parquet(path: Path) -> bytes:
-    _good(50).to_parquet(path)
+    labelled_table(50).to_parquet(path)
     return path.read_bytes()[:-200]
 
 
@@ -86,16 +68,21 @@ def _dup_csv(frame: pd.DataFrame) -> str:
 
 # (case, file name, content builder, expected message fragment)
 TRAIN_CORPUS: list[tuple[str, str, Callable[[Path], object], str]] = [
-    ("missing target column", "t.csv", lambda d: _good().drop(columns=["label"]), "target column 'label' not found"),
-    ("wrong target dtype", "t.csv", lambda d: _good().assign(label="x"), "at least 2 classes"),
-    ("NaN-only feature", "t.csv", lambda d: _good().assign(x1=np.nan), "column 'x1' fails to hold values"),
-    ("+inf in a feature", "t.csv", lambda d: _good().assign(x1=np.inf), "column 'x1' fails finite"),
-    ("-inf in a feature", "t.parquet", lambda d: _good().assign(x2=-np.inf), "column 'x2' fails finite"),
+    (
+        "missing target column",
+        "t.csv",
+        lambda d: labelled_table().drop(columns=["label"]),
+        "target column 'label' not found",
+    ),
+    ("wrong target dtype", "t.csv", lambda d: labelled_table().assign(label="x"), "at least 2 classes"),
+    ("NaN-only feature", "t.csv", lambda d: labelled_table().assign(x1=np.nan), "column 'x1' fails to hold values"),
+    ("+inf in a feature", "t.csv", lambda d: labelled_table().assign(x1=np.inf), "column 'x1' fails finite"),
+    ("-inf in a feature", "t.parquet", lambda d: labelled_table().assign(x2=-np.inf), "column 'x2' fails finite"),
     ("empty file", "t.csv", lambda d: b"", "input file is empty"),
     ("header-only CSV", "t.csv", lambda d: "x1,x2,color,label\n", "has no rows"),
     ("truncated Parquet", "t.parquet", lambda d: _truncated_parquet(d / "full.parquet"), "cannot read"),
     ("non-UTF-8 bytes", "t.csv", lambda d: b"x1,color,label\n1.0,caf\xe9,yes\n2.0,tea,no\n", "not valid UTF-8"),
-    ("duplicate column names", "t.csv", lambda d: _dup_csv(_good()), "duplicate column"),
+    ("duplicate column names", "t.csv", lambda d: _dup_csv(labelled_table()), "duplicate column"),
 ]
 
 
@@ -120,7 +107,7 @@ def _assert_refused(result, case: str, needle: str) -> None:
 
 
 def _features(n: int = 40, seed: int = 5) -> pd.DataFrame:
-    return _good(n, seed).drop(columns=["label"]).assign(row_id=np.arange(n))
+    return labelled_table(n, seed).drop(columns=["label"]).assign(row_id=np.arange(n))
 
 
 PREDICT_CORPUS: list[tuple[str, str, Callable[[Path], object], str]] = [
@@ -213,7 +200,7 @@ def test_generated_tables_only_raise_data_error(predictor, frame: pd.DataFrame) 
 @settings(max_examples=100, deadline=None)
 @given(frame=malformed_frames())
 def test_fast_path_never_passes_what_pandera_refuses(frame: pd.DataFrame) -> None:
-    contract = infer_contract(_good(50).drop(columns=["label", "color"]))
+    contract = infer_contract(labelled_table(50).drop(columns=["label", "color"]))
     if _clearly_valid(frame, contract):
         contract.validate(frame, lazy=True)  # raises SchemaErrors if the fast path was wrong
     else:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import cli_env, prefect_logs_follow_stderr
+from conftest import cli_env, labelled_table, prefect_logs_follow_stderr, train_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
@@ -35,16 +35,8 @@ NAME = "hard-model"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _good(n: int = 300, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    x1, x2 = rng.normal(size=n), rng.integers(0, 10, size=n)
-    color = rng.choice(["red", "green", "blue"], size=n)
-    label = np.where(x1 + 0.2 * x2 + (color == "red") > 1.2, "yes", "no")
-    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
-
-
 def _features(n: int = 40, seed: int = 5) -> pd.DataFrame:
-    return _good(n, seed).drop(columns=["label"]).assign(row_id=np.arange(n))
+    return labelled_table(n, seed).drop(columns=["label"]).assign(row_id=np.arange(n))
 
 
 def _config(path: Path, name: str = NAME, extra: str = "") -> str:
@@ -57,17 +49,7 @@ def _config(path: Path, name: str = NAME, extra: str = "") -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """A registered champion (v1) to score with and to compare the registry against."""
-    root = tmp_path_factory.mktemp("hardening")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    train_csv = root / "train.csv"
-    _good().to_csv(train_csv, index=False)
-    config = root / "train.yaml"
-    config.write_text(_config(train_csv))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        result = CliRunner().invoke(app, ["train", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    return {"uri": uri, "root": root}
+    return train_store(tmp_path_factory.mktemp("hardening"), _config(Path("{train}")))
 
 
 def _registry(uri: str) -> list[tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]]:
@@ -393,43 +375,43 @@ def _train(d: Path, frame: pd.DataFrame, name: str = "t.parquet") -> list[str]:
 TRAIN_CASES = [
     Case(
         "a datetime feature",
-        lambda d: _train(d, _good().assign(when=pd.Timestamp("2026-01-01"))),
+        lambda d: _train(d, labelled_table().assign(when=pd.Timestamp("2026-01-01"))),
         2,
         "column 'when' holds dates/times",
     ),
     Case(
         "a duration feature",
-        lambda d: _train(d, _good().assign(took=pd.Timedelta("1h"))),
+        lambda d: _train(d, labelled_table().assign(took=pd.Timedelta("1h"))),
         2,
         "column 'took' holds durations",
     ),
     Case(
         "a feature named prediction",
-        lambda d: _train(d, _good().assign(prediction=1.0)),
+        lambda d: _train(d, labelled_table().assign(prediction=1.0)),
         2,
         "'prediction' clash with the output's own columns",
     ),
     Case(
         "a feature named model_version",
-        lambda d: _train(d, _good().assign(model_version="3"), "t.csv"),
+        lambda d: _train(d, labelled_table().assign(model_version="3"), "t.csv"),
         2,
         "'model_version' clash with the output's own columns",
     ),
     Case(
         "a feature named like a probability",
-        lambda d: _train(d, _good().assign(proba_yes=0.1)),
+        lambda d: _train(d, labelled_table().assign(proba_yes=0.1)),
         2,
         "'proba_yes' clash with the output's own columns",
     ),
     Case(
         "a list-valued feature",
-        lambda d: _train(d, _good().assign(tags=[[1, 2]] * 300)),
+        lambda d: _train(d, labelled_table().assign(tags=[[1, 2]] * 300)),
         2,
         "column 'tags' holds",
     ),
     Case(
         "the checkpoint directory is a file",
-        lambda d: _file(d / "ckpt") and _train(d, _good()),
+        lambda d: _file(d / "ckpt") and _train(d, labelled_table()),
         2,
         "is a file, not a directory",
     ),
@@ -477,7 +459,7 @@ def test_a_bug_is_one_error_line_exit_1_and_debug_shows_the_traceback(store, tmp
 
     monkeypatch.setattr(tasks.validate, "value_problems", broken)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
-    args = _train(tmp_path, _good())
+    args = _train(tmp_path, labelled_table())
     before = _registry(store["uri"])
     prefect_logs_follow_stderr()
     plain = CliRunner().invoke(app, args)
@@ -621,7 +603,7 @@ def test_two_scorings_into_one_output_both_succeed_with_a_whole_file(store: dict
 def test_two_trainings_of_one_config_at_once_both_register(tmp_path: Path) -> None:
     """They share a checkpoint path: each writes through its own temp file, neither dies renaming the other's."""
     uri = f"sqlite:///{tmp_path / 'race.db'}"
-    path = _csv(tmp_path / "t.csv", _good(2000))
+    path = _csv(tmp_path / "t.csv", labelled_table(2000))
     (tmp_path / "c.yaml").write_text(_config(path, name="race").replace("epochs: 3", "epochs: 15"))
     env = cli_env(MLFLOW_TRACKING_URI=uri, TORCHCYCLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
     cmd = [sys.executable, "-m", "torchcycle", "train", "--config", str(tmp_path / "c.yaml"), "--no-cache"]

@@ -80,7 +80,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-class _NoTracebackForBadInput:
+class _NoTracebackOnTheConsole:
     """Logging filter: a failed task or flow is logged on the console as one line, not a traceback. The CLI
     prints the error itself; a stack trace of Prefect internals would only bury it."""
 
@@ -99,7 +99,7 @@ def _quiet_bad_input_tracebacks() -> None:
     setup_logging()  # idempotent; makes Prefect's handlers exist so the filter can be attached
     handlers = {h for name in ("prefect", "") for h in logging.getLogger(name).handlers}
     for handler in handlers:
-        handler.addFilter(_NoTracebackForBadInput())
+        handler.addFilter(_NoTracebackOnTheConsole())
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:

@@ -91,7 +91,7 @@ class _NoTracebackOnTheConsole:
         return True
 
 
-def _quiet_bad_input_tracebacks() -> None:
+def _quiet_console_tracebacks() -> None:
     import logging
 
     from prefect.logging.configuration import setup_logging
@@ -234,7 +234,7 @@ def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
     """The training flow plus its printed summary (also rank 0's job under DDP)."""
     from flows.training import training_flow
 
-    _quiet_bad_input_tracebacks()
+    _quiet_console_tracebacks()
     summary = training_flow(cfg, cache=cache)
     _print_training(summary)
     if as_json:
@@ -266,7 +266,7 @@ def run(
     _preflight(cfg)
     from flows.lifecycle import lifecycle_flow
 
-    _quiet_bad_input_tracebacks()
+    _quiet_console_tracebacks()
     summary = lifecycle_flow(cfg, workdir=str(workdir))
     _print_training(summary.training, ui_hint=False)
     _print_scoring(summary.scoring)
@@ -296,7 +296,7 @@ def predict(
     check_output(input_, find_inputs(input_), Path(output))
     from flows.scoring import scoring_flow
 
-    _quiet_bad_input_tracebacks()
+    _quiet_console_tracebacks()
     result = scoring_flow(model, input_, output, id_col or [], batch_rows)
     _print_scoring(result)
     if as_json:

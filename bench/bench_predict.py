@@ -54,8 +54,8 @@ def make_data(path: Path, rows: int, seed: int, chunk: int = 500_000) -> None:
 def train(work: Path, uri: str) -> None:
     import pandas as pd
 
-    from flows.training import training_flow
-    from tasks.config import config_from_dict
+    from torchcycle.config import config_from_dict
+    from torchcycle.flows.training import training_flow
 
     sample = work / "train.parquet"
     pd.read_parquet(work / "small.parquet").head(50_000).to_parquet(sample)
@@ -75,7 +75,8 @@ def train(work: Path, uri: str) -> None:
 def load_scorer(uri: str, work: Path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.scoring import ModelRef, Scorer, load_model_task, resolve_model
+    from torchcycle.registry import ModelRef, resolve_model
+    from torchcycle.tasks.score import Scorer, load_model_task
 
     model = resolve_model(MlflowClient(uri), ModelRef.parse(f"{NAME}/1"))
     loaded = load_model_task.fn(uri, model)  # the task's plain function: same code, no Prefect run

@@ -7,7 +7,7 @@ Data: MNIST-format IDX files (60,000 train / 10,000 test) written from scikit-le
 
 (A) the seed loop, as the seeds wrote it: torchvision.datasets.MNIST -> ToTensor/Normalize ->
     DataLoader(batch_size=64, shuffle=True) -> 784-512-256-10 MLP -> Adam(1e-3), one epoch, fp32.
-(B) torchcycle's train stage (the plain `tasks.train.train` the flow's task calls), MLP 784-512-256-10 and
+(B) torchcycle's train stage (the plain `torchcycle.tasks.train.train` the flow's task calls), MLP 784-512-256-10 and
     CNN, data resident on the device, one-cycle LR, bf16 autocast on CUDA, channels_last for the CNN,
     at batch 512 (3 epochs, lr 3e-3) and at batch 4096 (8 epochs, lr 1e-2: the large-batch recipe).
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_data(root: Path, n_train: int, n_test: int) -> None:
-    from tasks.idx import digits_as_mnist, write_mnist
+    from torchcycle.idx import digits_as_mnist, write_mnist
 
     write_mnist(root, digits_as_mnist(n_train, seed=0), digits_as_mnist(n_test, seed=1))
 
@@ -88,12 +88,13 @@ def torchcycle_train(root: Path, device, kind: str, batch_size: int) -> tuple[fl
 
     import torch
 
-    from models.training import predict, resolve_precision
-    from tasks.config import DataConfig, FeaturesConfig, ModelSpec, TrainSection
-    from tasks.features import build_features
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-    from tasks.train import train
+    from torchcycle.config import DataConfig, FeaturesConfig, ModelSpec, TrainSection
+    from torchcycle.models.inference import predict
+    from torchcycle.models.training import resolve_precision
+    from torchcycle.tasks.features import build_features
+    from torchcycle.tasks.ingest import ingest
+    from torchcycle.tasks.preprocess import preprocess
+    from torchcycle.tasks.train import train
 
     data = DataConfig(source="torchvision:MNIST", root=str(root), val_size=0.05)
     prepared = build_features(preprocess(ingest(data), data, seed=0), FeaturesConfig())

@@ -14,11 +14,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.scoring import scoring_flow
-from flows.training import Unchanged, training_flow
-from tasks.config import ScheduleSpec, load_config
-from tasks.scoring import ModelRef, plan_scoring_task
-from tasks.tracking import resolve_tracking_uri
+from torchcycle.config import ScheduleSpec, load_config
+from torchcycle.flows.scoring import scoring_flow
+from torchcycle.flows.training import Unchanged, training_flow
+from torchcycle.registry import ModelRef
+from torchcycle.tasks.score import plan_scoring_task
+from torchcycle.tracking import resolve_tracking_uri
 
 DEFAULT_SCHEDULES = {
     "retrain": ScheduleSpec("cron", "0 2 * * *", "UTC"),  # nightly, 02:00 UTC

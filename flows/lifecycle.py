@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.scoring import scoring_flow
-from flows.training import TrainingSummary, training_flow
-from tasks.config import ExperimentConfig
-from tasks.scoring import ScoreResult
-from tasks.tracking import resolve_tracking_uri
+from torchcycle.config import ExperimentConfig
+from torchcycle.flows.scoring import scoring_flow
+from torchcycle.flows.training import TrainingSummary, training_flow
+from torchcycle.tasks.score import ScoreResult
+from torchcycle.tracking import resolve_tracking_uri
 
 
 @dataclass(frozen=True)

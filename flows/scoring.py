@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from prefect import flow, runtime
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.ingest import find_inputs
-from tasks.scoring import (
-    DEFAULT_BATCH_ROWS,
-    ModelRef,
+from torchcycle.registry import ModelRef
+from torchcycle.tables import DEFAULT_BATCH_ROWS, find_inputs
+from torchcycle.tasks.score import (
     ScoreResult,
     check_output,
     load_model_task,
@@ -20,7 +19,7 @@ from tasks.scoring import (
     score_task,
     summary_markdown,
 )
-from tasks.tracking import finish_run_task, prepare_store, resolve_tracking_uri, start_run_task
+from torchcycle.tracking import flow_run_id, resolve_tracking_uri, tracked_run, use_tracking_uri
 
 SCORING_EXPERIMENT = "scoring"
 
@@ -40,13 +39,12 @@ def scoring_flow(
     `output` ending in .parquet is one file for all inputs; anything else is a directory with one
     file per input and model version, and inputs already scored by that version are skipped."""
     uri = resolve_tracking_uri(tracking_uri)
-    prepare_store(uri)
+    use_tracking_uri(uri)
     ref = ModelRef.parse(model)
     inputs = find_inputs(input)
     resolved = resolve_model_task(uri, ref)
     check_output(input, inputs, Path(output), resolved)  # before a byte is read or an MLflow run exists
     loaded = load_model_task(uri, resolved)
-    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
     params = {
         "model_ref": str(ref),
         "model_uri": resolved.uri,
@@ -56,15 +54,10 @@ def scoring_flow(
         "output": str(output),
         "batch_rows": str(batch_rows),
     }
-    tags = {"prefect.flow_run_id": flow_run_id, "model_run_id": resolved.run_id, "torchcycle.kind": "scoring"}
-    run_id = start_run_task(uri, experiment, f"score-{resolved.name}-v{resolved.version}", params, tags)
-    try:
+    tags = {"prefect.flow_run_id": flow_run_id(), "model_run_id": resolved.run_id, "torchcycle.kind": "scoring"}
+    with tracked_run(uri, experiment, f"score-{resolved.name}-v{resolved.version}", params, tags) as run_id:
         result = score_task(loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows)
         log_scoring_task(uri, run_id, result)
-    except BaseException:
-        finish_run_task(uri, run_id, "FAILED")
-        raise
-    finish_run_task(uri, run_id)
     result = replace(result, scoring_run_id=run_id)
     create_markdown_artifact(
         markdown=summary_markdown(result) + f"\nMLflow run `{run_id}`\n",

@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import nn
 
-from models.cnn import CNN, CNNConfig
-from models.knn import KNN, KNNConfig
-from models.linear import LinearConfig, LinearRegression
-from models.mlp import MLP, MLPConfig
-from models.softmax import SoftmaxConfig, SoftmaxRegression
+from torchcycle.models.cnn import CNN, CNNConfig
+from torchcycle.models.knn import KNN, KNNConfig
+from torchcycle.models.linear import LinearConfig, LinearRegression
+from torchcycle.models.mlp import MLP, MLPConfig
+from torchcycle.models.softmax import SoftmaxConfig, SoftmaxRegression
 
 # kind -> (config class, model class, tasks it supports)
 MODELS: dict[str, tuple[type, type[nn.Module], frozenset[str]]] = {

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.checks import is_int, raise_problems
+from torchcycle.models.checks import is_int, raise_problems
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.checks import derived_problems, raise_problems
+from torchcycle.models.checks import derived_problems, raise_problems
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.checks import derived_problems, is_int, raise_problems
+from torchcycle.models.checks import derived_problems, is_int, raise_problems
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 

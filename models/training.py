@@ -130,14 +130,6 @@ def _make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 4096) -> torch.Tensor:
-    """Raw model outputs (logits, or (N, 1) for regression) on CPU, computed in batches."""
-    model.eval()
-    outs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-@torch.no_grad()
 def _evaluate(
     model: nn.Module,
     task: Task,

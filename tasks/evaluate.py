@@ -10,10 +10,10 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.training import FitResult
-from models.training import predict as torch_predict
-from tasks.features import Prepared
-from tasks.train import TrainedModel
+from torchcycle.models.inference import predict as torch_predict
+from torchcycle.models.training import FitResult
+from torchcycle.tasks.features import Prepared
+from torchcycle.tasks.train import TrainedModel
 
 # A confusion matrix with more classes is unreadable, and its (C, C) counts and figure grow with C**2
 # (10,000 classes: 6 GB). Above this the plot is left out; the metrics are computed either way.

@@ -10,10 +10,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.bundle import FeaturePipeline
-from tasks.config import FeaturesConfig
-from tasks.contract import infer_contract
-from tasks.types import Splits
+from torchcycle.config import FeaturesConfig
+from torchcycle.runtime.bundle import FeaturePipeline
+from torchcycle.runtime.contract import infer_contract
+from torchcycle.tasks.preprocess import Splits
 
 
 @dataclass(frozen=True)

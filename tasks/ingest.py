@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
-import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from tasks.config import DataConfig
-from tasks.retry import io_task_options
-from tasks.types import DataError, RawData, Task, frame_digest
+from torchcycle.config import DataConfig
+from torchcycle.errors import DataError
+from torchcycle.retry import io_task_options
+from torchcycle.runtime.types import Task
+from torchcycle.tables import find_inputs, frame_digest
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A loaded data set: feature columns plus the target column in one frame."""
+
+    frame: pd.DataFrame
+    target: str
+    task: Task
+    source: str
+    digest: str  # sha256 of the frame's content, for lineage tags
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) when columns are pixels
+    test_mask: np.ndarray | None = None  # rows of a predefined test split (torchvision)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [c for c in self.frame.columns if c != self.target]
+
 
 _SKLEARN_TASKS: dict[str, Task] = {
     "digits": "classification",
@@ -57,36 +77,6 @@ def _synthetic(name: str) -> tuple[pd.DataFrame, Task]:
         frame["y"] = y
         return frame, "classification"
     raise DataError(f"unknown synthetic data set '{name}'")
-
-
-SUFFIXES = (".csv", ".parquet", ".pq")
-
-
-class NoInputs(DataError):
-    """The input path, directory or glob names no table file (yet)."""
-
-
-def find_inputs(path: str | Path) -> list[Path]:
-    """A file, a directory (its CSV/Parquet files) or a glob; sorted so output order is stable."""
-    text = str(path)
-    p = Path(text)
-    if p.is_dir():
-        files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES]
-    elif p.is_file():
-        files = [p]
-    elif glob.has_magic(text):
-        files = [Path(f) for f in glob.glob(text) if Path(f).is_file()]
-    else:
-        raise NoInputs(f"input not found: {text}")
-    if not p.is_file():  # in a directory or glob, hidden files are skipped (our own partial files); named: read
-        files = [f for f in files if not f.name.startswith(".")]
-    files = sorted(files)
-    if not files:
-        raise NoInputs(f"no .csv or .parquet files in {text}")
-    bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
-    if bad:
-        raise DataError(f"unsupported input file type: {', '.join(bad)} (use .csv or .parquet)")
-    return files
 
 
 def _header(path: Path, suffix: str) -> list[str]:

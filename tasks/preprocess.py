@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
-from tasks.config import DataConfig
-from tasks.types import DataError, RawData, Splits
+from torchcycle.config import DataConfig
+from torchcycle.errors import DataError
+from torchcycle.runtime.types import Task
+from torchcycle.tasks.ingest import RawData
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    target: str
+    task: Task
+    image_shape: tuple[int, int, int] | None = None
+    dropped_rows: int = 0  # rows dropped for a missing target
+
+    def named(self) -> dict[str, pd.DataFrame]:
+        """The three splits by the names MLflow's data set lineage shows."""
+        return {"train": self.train, "validation": self.val, "test": self.test}
 
 
 def _split(

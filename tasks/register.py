@@ -5,23 +5,22 @@ from __future__ import annotations
 import tempfile
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from prefect import get_run_logger, task
 
-from tasks.bundle import load_bundle, save_bundle
-from tasks.features import Prepared
-from tasks.retry import io_task_options
-from tasks.train import TrainedModel
+from torchcycle.cache import code_version
+from torchcycle.model_code import ENTRY, model_code, stage_code
+from torchcycle.retry import io_task_options
+from torchcycle.runtime.bundle import load_bundle, save_bundle
+from torchcycle.tasks.features import Prepared
+from torchcycle.tasks.train import TrainedModel
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # What a version was made from; equal on all three means training again would make the same model.
 LINEAGE_TAGS = ("data_digest", "config_hash", "code_version")
 LOGGED_MODEL_NAME = "model"  # the model's name inside its run
-_REQUIREMENTS = ("torch", "numpy", "pandas", "scikit-learn", "skops", "safetensors", "pyarrow", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -55,23 +54,34 @@ def register_model(
     bundle_dir: Path,
     example: pd.DataFrame,
     tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
 ) -> RegisteredVersion:
     """Log the bundle as a pyfunc in run `run_id` and register it as a version of `name`.
 
     Safe to run again after a partial success (the task retries): a version of `name` this run already
     made is returned as it is, and a model this run logged completely but did not get to register is
-    registered, not logged a second time. One run, one version."""
-    import mlflow
+    registered, not logged a second time. One run, one version. `metrics` (the test metrics) are linked
+    to the logged model, so its page shows what it scored."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     done = version_from_run(client, name, run_id)
     if done is not None:
         return done
-    model_uri = logged_model_uri(client, run_id) or _log_model(run_id, bundle_dir, example)
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
+    _ensure_registered_model(client, name)
+    mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it meanwhile: fine
+            raise
 
 
 def version_from_run(client: Any, name: str, run_id: str) -> RegisteredVersion | None:
@@ -83,40 +93,51 @@ def version_from_run(client: Any, name: str, run_id: str) -> RegisteredVersion |
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
 
 
-def logged_model_uri(client: Any, run_id: str) -> str | None:
-    """`models:/<model_id>` of the model an earlier attempt logged in this run, when it finished (READY)."""
+def logged_model_id(client: Any, run_id: str) -> str | None:
+    """The id of the model an earlier attempt logged in this run, when it finished (READY)."""
     from mlflow.entities import LoggedModelStatus
 
     experiment_id = client.get_run(run_id).info.experiment_id
     # status is checked here: the SQL store's filter does not match status = 'READY'
     found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
     ready = [m for m in found if m.name == LOGGED_MODEL_NAME and m.status == LoggedModelStatus.READY]
-    return f"models:/{max(ready, key=lambda m: m.creation_timestamp).model_id}" if ready else None
+    return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 
 
-def _log_model(run_id: str, bundle_dir: Path, example: pd.DataFrame) -> str:
+def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame, metrics: dict[str, float]) -> str:
+    """Log the model to run `run_id` through `client` (no active run): the code it ships and its pip
+    requirements are derived from what loading it imports (torchcycle.model_code)."""
+    import time
+
     import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import infer_signature
 
-    import models
-    import tasks
-
     predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is logged
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    code = model_code()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         signature = infer_signature(example, predictor.predict(example))
-        info = mlflow.pyfunc.log_model(
+        # MLflow logs to the tracking URI the flow set at the edge; the model and run are named explicitly.
+        mlflow.pyfunc.log_model(
             name=LOGGED_MODEL_NAME,
-            python_model=str(PYFUNC_CODE),
+            model_id=logged.model_id,
+            python_model=str(code.modules[ENTRY]),
             artifacts={"bundle": str(bundle_dir)},
-            # Ship the torch model code and bundle loader with the model: it loads anywhere.
-            code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
+            code_paths=[str(stage_code(Path(tmp), code))],
             signature=signature,
             input_example=example,
-            pip_requirements=[f"{p}=={pkg_version(p)}" for p in _REQUIREMENTS],
+            pip_requirements=list(code.requirements),
         )
-    return info.model_uri
+    now = int(time.time() * 1000)
+    linked = [Metric(k, float(v), now, 0, model_id=logged.model_id) for k, v in metrics.items()]
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+    return logged.model_id
 
 
 @task(name="register", **io_task_options())
@@ -129,6 +150,7 @@ def register_task(
     run_id: str,
     name: str,
     tags: dict[str, str],
+    metrics: dict[str, float] | None = None,
 ) -> RegisteredVersion:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(trained, prepared, target, Path(tmp) / "bundle")
@@ -139,9 +161,15 @@ def register_task(
             bundle_dir=bundle,
             example=input_example(prepared, target),
             tags=tags,
+            metrics=metrics,
         )
     get_run_logger().info("registered %s version %s", reg.name, reg.version)
     return reg
+
+
+def lineage_tags(data_digest: str, config_hash: str) -> dict[str, str]:
+    """What a version is made from (LINEAGE_TAGS): equal on all three, a retrain would make the same model."""
+    return {"data_digest": data_digest, "config_hash": config_hash, "code_version": code_version()}
 
 
 def unchanged_version(client: Any, name: str, lineage: dict[str, str]) -> str | None:

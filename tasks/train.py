@@ -10,8 +10,10 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models import build_model, make_config
-from models.training import (
+from torchcycle.checkpoint import load_checkpoint, save_checkpoint
+from torchcycle.config import ModelSpec, TrainSection
+from torchcycle.models import build_model, make_config
+from torchcycle.models.training import (
     EpochCallback,
     FitResult,
     TensorData,
@@ -20,9 +22,7 @@ from models.training import (
     resolve_device,
     seed_everything,
 )
-from tasks.checkpoint import load_checkpoint, save_checkpoint
-from tasks.config import ModelSpec, TrainSection
-from tasks.features import Prepared
+from torchcycle.tasks.features import Prepared
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.contract import value_problems
-from tasks.types import DataError, DataProfile, RawData, is_output_column
+from torchcycle.errors import DataError
+from torchcycle.runtime.contract import value_problems
+from torchcycle.runtime.types import is_output_column
+from torchcycle.tasks.ingest import RawData
 
 
 def unsupported_features(frame: pd.DataFrame, features: list[str]) -> dict[str, str]:
@@ -45,7 +47,7 @@ def reserved_features(features: list[str]) -> list[str]:
     ]
 
 
-def validate(raw: RawData) -> DataProfile:
+def validate(raw: RawData) -> None:
     """Every problem found, reported at once in one DataError (lazy validation)."""
     frame = raw.frame
     if raw.target not in frame.columns:
@@ -59,7 +61,6 @@ def validate(raw: RawData) -> DataProfile:
     problems = [*reserved_features(features), *unsupported.values()]
     problems += value_problems(frame, [c for c in features if c not in unsupported])
     y = frame[raw.target]
-    class_counts = None
     if y.isna().all():
         problems.append(f"target column '{raw.target}' has no values")
     elif raw.task == "classification":
@@ -68,14 +69,12 @@ def validate(raw: RawData) -> DataProfile:
             problems.append(
                 f"target column '{raw.target}' needs at least 2 classes for classification, found {len(counts)}"
             )
-        class_counts = {str(k): int(v) for k, v in counts.items()}
     elif not pd.api.types.is_numeric_dtype(y):
         problems.append(f"target column '{raw.target}' must be numeric for regression, found dtype {y.dtype}")
     if problems:
         raise DataError(f"data from {raw.source}: {len(problems)} problem(s): " + "; ".join(problems))
-    return DataProfile(n_rows=len(frame), n_features=len(features), task=raw.task, class_counts=class_counts)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate_task(raw: RawData) -> DataProfile:
-    return validate(raw)
+def validate_task(raw: RawData) -> None:
+    validate(raw)

@@ -41,7 +41,7 @@ def tracking_uri(tmp_path: Path) -> str:
 @pytest.fixture()
 def mnist_root(tmp_path: Path) -> Path:
     """A tiny MNIST in IDX format written by the test (nothing is downloaded)."""
-    from tasks.idx import digits_as_mnist, write_mnist
+    from torchcycle.idx import digits_as_mnist, write_mnist
 
     root = tmp_path / "mnist"
     write_mnist(root, digits_as_mnist(300, seed=0), digits_as_mnist(100, seed=1))

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.bundle import Predictor, load_bundle
-from tasks.config import load_config
-from tasks.evaluate import evaluate
-from tasks.features import build_features
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
-from tasks.register import write_bundle
-from tasks.train import train
+from torchcycle.config import load_config
+from torchcycle.runtime.bundle import Predictor, load_bundle
+from torchcycle.tasks.evaluate import evaluate
+from torchcycle.tasks.features import build_features
+from torchcycle.tasks.ingest import ingest
+from torchcycle.tasks.preprocess import preprocess
+from torchcycle.tasks.register import write_bundle
+from torchcycle.tasks.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks.contract import _clearly_valid, check_frame, infer_contract
-from tasks.types import DataError
 from torchcycle.cli import app
+from torchcycle.errors import DataError
+from torchcycle.runtime.contract import _clearly_valid, check_frame, infer_contract
 
 NAME = "corpus-model"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -226,7 +226,9 @@ def _nothing():
 
 def test_scoring_generated_files_only_fails_cleanly(pyfunc, predictor, tmp_path: Path) -> None:
     """Generated malformed Parquet files through the scoring path: DataError or a complete output."""
-    from tasks.scoring import ResolvedModel, Scorer, expected_columns
+    from torchcycle.registry import ResolvedModel
+    from torchcycle.tables import expected_columns
+    from torchcycle.tasks.score import Scorer
 
     expected = expected_columns(pyfunc.metadata.get_input_schema())
     scorer = Scorer(predictor.predict, expected, ResolvedModel(NAME, "1", "r"), progress=False)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from models import CNNConfig, KNNConfig, LinearConfig, MLPConfig, SoftmaxConfig
-from tasks.config import ConfigError, config_from_dict, load_config, parse_schedule
+from torchcycle.config import config_from_dict, load_config, parse_schedule
+from torchcycle.errors import ConfigError
+from torchcycle.models import CNNConfig, KNNConfig, LinearConfig, MLPConfig, SoftmaxConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -20,10 +20,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tasks.config import (
+from torchcycle.cli import app
+from torchcycle.config import (
     MAX_CONFIG_BYTES,
     SEED_MAX,
-    ConfigError,
     DataConfig,
     check_against_task,
     config_from_dict,
@@ -32,7 +32,7 @@ from tasks.config import (
     source_facts,
     split_sizes,
 )
-from torchcycle.cli import app
+from torchcycle.errors import ConfigError
 
 BASE = "name: corpus\ndata:\n  source: sklearn:iris\nmodel:\n  kind: mlp\ntrain:\n  epochs: 1\n"
 FILE_SOURCE = "name: corpus\ndata: {source: 'file:data/train.csv', target: y}\nmodel: {kind: mlp}\n"
@@ -307,7 +307,7 @@ def test_check_against_task_names_the_keys() -> None:
     + [f"synthetic:{n}" for n in ("line", "xor", "regression", "linear2d", "classification")],
 )
 def test_source_facts_match_ingest(source: str) -> None:
-    from tasks.ingest import ingest
+    from torchcycle.tasks.ingest import ingest
 
     raw = ingest(DataConfig(source=source, test_size=0, val_size=0))
     facts = source_facts(source)
@@ -316,8 +316,8 @@ def test_source_facts_match_ingest(source: str) -> None:
 
 @pytest.mark.parametrize(("test_size", "val_size"), [(0.2, 0.1), (0.5, 0.4), (0.3, 0.0), (0.0, 0.25), (0.15, 0.15)])
 def test_split_sizes_match_preprocess(test_size: float, val_size: float) -> None:
-    from tasks.preprocess import preprocess
-    from tasks.types import RawData, frame_digest
+    from torchcycle.tasks.ingest import RawData, frame_digest
+    from torchcycle.tasks.preprocess import preprocess
 
     n = min_rows(test_size, val_size)
     frame = pd.DataFrame({"x": range(n), "y": [float(i) for i in range(n)]})

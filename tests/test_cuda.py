@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_training_speed import _digits, _fit_digits
 
-import models.training as training
-from models.cnn import CNN, CNNConfig
-from models.mlp import MLP, MLPConfig
-from models.training import OutOfMemory, TensorData, TrainConfig, fit
+import torchcycle.models.training as training
+from torchcycle.models.cnn import CNN, CNNConfig
+from torchcycle.models.inference import predict
+from torchcycle.models.mlp import MLP, MLPConfig
+from torchcycle.models.training import OutOfMemory, TensorData, TrainConfig, fit
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"
@@ -48,14 +49,14 @@ def test_cnn_channels_last_bf16_then_saved_in_the_default_layout() -> None:
     model = CNN(CNNConfig(in_features=64, image_shape=(1, 8, 8), num_classes=10, channels=(32, 64), hidden=128))
     cfg = TrainConfig(epochs=10, batch_size=64, lr=3e-3, schedule="onecycle", patience=0)
     fit(model, data, cfg, task="classification", device=torch.device("cuda"), progress=False)
-    acc = (training.predict(model, x_te, torch.device("cuda")).argmax(1) == y_te).float().mean().item()
+    acc = (predict(model, x_te, torch.device("cuda")).argmax(1) == y_te).float().mean().item()
     assert acc >= 0.95
     # channels_last was for the GPU's convolutions; the weights that get saved are plain contiguous tensors
     assert all(t.is_contiguous() for t in model.state_dict().values())
     on_cpu = CNN(model.cfg)
     on_cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    cpu_pred = training.predict(on_cpu, x_te, torch.device("cpu")).argmax(1)
-    gpu_pred = training.predict(model, x_te, torch.device("cuda")).argmax(1)
+    cpu_pred = predict(on_cpu, x_te, torch.device("cpu")).argmax(1)
+    gpu_pred = predict(model, x_te, torch.device("cuda")).argmax(1)
     assert (cpu_pred == gpu_pred).float().mean().item() >= 0.99  # same model on either device
 
 
@@ -89,8 +90,8 @@ def test_training_flow_on_cuda_end_to_end(tracking_uri: str) -> None:
     import mlflow
     import numpy as np
 
-    from flows.training import training_flow
-    from tasks.config import load_config
+    from torchcycle.config import load_config
+    from torchcycle.flows.training import training_flow
 
     cfg = load_config(ROOT / "configs" / "digits_cnn.yaml", ["train.epochs=10"])
     summary = training_flow(cfg, tracking_uri=tracking_uri)

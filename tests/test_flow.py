@@ -11,9 +11,9 @@ import pytest
 from conftest import artifact_markdown
 from mlflow.tracking import MlflowClient
 
-from flows.training import TrainingSummary, Unchanged, training_flow
-from tasks.config import ConfigError, config_from_dict
-from tasks.types import DataError, StorageError
+from torchcycle.config import config_from_dict
+from torchcycle.errors import ConfigError, DataError, StorageError
+from torchcycle.flows.training import TrainingSummary, Unchanged, training_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks.types import DataError
 from torchcycle.cli import app
+from torchcycle.errors import DataError
 
 NAME = "hard-model"
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -452,12 +452,12 @@ def test_corpus(store: dict, tmp_path: Path, monkeypatch, case: Case) -> None:
 
 # ---- errors by kind --------------------------------------------------------------------------------
 def test_a_bug_is_one_error_line_exit_1_and_debug_shows_the_traceback(store, tmp_path, monkeypatch) -> None:
-    import tasks.validate
+    import torchcycle.tasks.validate
 
     def broken(*args, **kwargs):
         raise RuntimeError("something of ours broke")
 
-    monkeypatch.setattr(tasks.validate, "value_problems", broken)
+    monkeypatch.setattr(torchcycle.tasks.validate, "value_problems", broken)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     args = _train(tmp_path, labelled_table())
     before = _registry(store["uri"])
@@ -504,8 +504,8 @@ def test_errors_are_classified_by_kind() -> None:
     """Which failures are retried, and which exit code each ends in."""
     import errno
 
-    from tasks.retry import file_system_refusal, is_lock_timeout
     from torchcycle.cli import _classify
+    from torchcycle.retry import file_system_refusal, is_lock_timeout
 
     assert _classify(DataError("bad")) == ("bad", 2)
     assert _classify(OSError(errno.EROFS, "Read-only file system", "/data/out.parquet")) == (
@@ -520,7 +520,7 @@ def test_errors_are_classified_by_kind() -> None:
 
 
 def _retry_decision(exc: BaseException) -> bool:
-    from tasks.retry import is_transient
+    from torchcycle.retry import is_transient
 
     class State:
         def result(self):
@@ -545,8 +545,8 @@ def test_many_classes_evaluate_in_bounded_memory() -> None:
 
     import torch
 
-    from models.training import FitResult
-    from tasks.evaluate import evaluate
+    from torchcycle.models.training import FitResult
+    from torchcycle.tasks.evaluate import evaluate
 
     classes, rows = 10_000, 20_000
     model = torch.nn.Linear(4, classes)
@@ -627,7 +627,8 @@ _NAMES = st.sampled_from(["x1", "row_id", "note", "prediction", "proba_yes", "mo
 @settings(max_examples=60, deadline=None)
 @given(passthrough=st.lists(_NAMES, max_size=5))
 def test_a_scored_batch_has_unique_column_names_or_is_refused(passthrough: list[str]) -> None:
-    from tasks.scoring import ResolvedModel, score_batch
+    from torchcycle.registry import ResolvedModel
+    from torchcycle.tasks.score import score_batch
 
     columns = dict.fromkeys(["x1", *passthrough])
     batch = pa.RecordBatch.from_pydict({c: [1.0, 2.0] for c in columns})

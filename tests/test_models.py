@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import MODELS, build_model, make_config, user_fields
-from models.training import TensorData, TrainConfig, fit, loss_fn, predict, resolve_device
+from torchcycle.models import MODELS, build_model, make_config, user_fields
+from torchcycle.models.inference import predict
+from torchcycle.models.training import TensorData, TrainConfig, fit, loss_fn, resolve_device
 
 
 def _data(task: str, n: int = 64, f: int = 16, classes: int = 3) -> TensorData:

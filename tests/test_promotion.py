@@ -11,11 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.training import training_flow
-from tasks import registry
-from tasks.config import config_from_dict
-from tasks.promote import should_promote
+from torchcycle import registry
 from torchcycle.cli import app
+from torchcycle.config import config_from_dict
+from torchcycle.flows.training import training_flow
+from torchcycle.tasks.gate import should_promote
 
 
 # ---- the pure decision ----------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_concurrent_gates_are_serialised_one_champion_both_recorded(tracking_uri
     import pandas as pd
     from prefect import flow
 
-    from tasks.promote import gate_task
+    from torchcycle.tasks.gate import gate_task
 
     cfg = config_from_dict(
         {
@@ -158,10 +158,10 @@ def tiny():
     """iris, softmax, 2 epochs: a real model in about a second, for tests that need one in the registry."""
     import torch
 
-    from tasks.features import build_features
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-    from tasks.train import train
+    from torchcycle.tasks.features import build_features
+    from torchcycle.tasks.ingest import ingest
+    from torchcycle.tasks.preprocess import preprocess
+    from torchcycle.tasks.train import train
 
     cfg = config_from_dict(
         {"name": "tiny", "data": {"source": "sklearn:iris"}, "model": {"kind": "softmax"}, "train": {"epochs": 2}}
@@ -172,14 +172,14 @@ def tiny():
 
 
 def _new_run(uri: str) -> str:
-    from tasks.tracking import prepare_store, start_run_task
+    from torchcycle.tracking import prepare_store, start_run_task
 
     prepare_store(uri)
     return start_run_task.fn(uri, "tests", "retry", {}, {})
 
 
 def _register(uri: str, tiny, tmp_path, name: str, run_id: str | None = None):
-    from tasks.register import input_example, register_model, write_bundle
+    from torchcycle.tasks.register import input_example, register_model, write_bundle
 
     prepared, trained = tiny
     bundle = write_bundle(trained, prepared, "target", Path(tempfile.mkdtemp(dir=tmp_path)) / "bundle")
@@ -222,7 +222,7 @@ def test_register_task_retried_after_a_partial_success_is_one_version(
     import mlflow
     from prefect import flow
 
-    from tasks.register import register_task
+    from torchcycle.tasks.register import register_task
 
     real_register = mlflow.register_model
     calls: list[str] = []
@@ -253,7 +253,7 @@ def test_register_task_retried_after_a_partial_success_is_one_version(
 
 
 def _gate(client: MlflowClient, uri: str, tiny, name: str, version: str, value: float, flow_run_id: str):
-    from tasks.promote import decide_and_record
+    from torchcycle.tasks.gate import decide_and_record
 
     prepared = tiny[0]
     return decide_and_record(
@@ -282,7 +282,7 @@ def _same_decision(a, b) -> bool:
 def test_gate_twice_returns_the_recorded_decision(tracking_uri: str, tiny, tmp_path, monkeypatch) -> None:
     import mlflow
 
-    from tasks.promote import recorded_decision
+    from torchcycle.tasks.gate import recorded_decision
 
     client = MlflowClient(tracking_uri)
     for _ in range(2):
@@ -361,7 +361,7 @@ def test_gate_task_retried_after_recording_returns_the_same_decision(
     import prefect.artifacts
     from prefect import flow
 
-    from tasks.promote import gate_task
+    from torchcycle.tasks.gate import gate_task
 
     client = MlflowClient(tracking_uri)
     for _ in range(2):

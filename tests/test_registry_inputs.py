@@ -10,11 +10,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from tasks import registry
-from tasks.promote import Decision, record_decision
-from tasks.registry import check_alias, check_name, check_version
-from tasks.types import DataError
+from torchcycle import registry
 from torchcycle.cli import app
+from torchcycle.errors import DataError
+from torchcycle.registry import check_alias, check_name, check_version
+from torchcycle.tasks.gate import Decision, record_decision
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     The commands here read and write registry metadata only (tags, aliases, history), never a model's
     files, so versions are made from a run's artifact folder without training or logging a model."""
-    from tasks.tracking import prepare_store, start_run_task
+    from torchcycle.tracking import prepare_store, start_run_task
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow' / 'mlflow.db'}"
     prepare_store(uri)

@@ -17,12 +17,12 @@ import torch
 from conftest import cli_env
 from mlflow.tracking import MlflowClient
 
-from flows.training import training_flow
-from models.mlp import MLP, MLPConfig
-from models.training import TensorData, TrainConfig, fit
-from tasks.checkpoint import load_checkpoint, save_checkpoint
-from tasks.config import load_config
-from tasks.types import DataError
+from torchcycle.checkpoint import load_checkpoint, save_checkpoint
+from torchcycle.config import load_config
+from torchcycle.errors import DataError
+from torchcycle.flows.training import training_flow
+from torchcycle.models.mlp import MLP, MLPConfig
+from torchcycle.models.training import TensorData, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,18 +158,19 @@ def test_scoring_killed_mid_file_leaves_no_output_and_reruns_cleanly(tmp_path: P
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_run_that_failed_at_register_restarts_at_register(tmp_path: Path, monkeypatch) -> None:
     """The re-run takes preprocess, features, train and evaluate from Prefect's cache: none executes."""
-    import flows.training as training_module
-    import tasks.evaluate
-    import tasks.features
-    import tasks.preprocess
-    import tasks.train
+
+    import torchcycle.flows.training as training_module
+    import torchcycle.tasks.evaluate
+    import torchcycle.tasks.features
+    import torchcycle.tasks.preprocess
+    import torchcycle.tasks.train
 
     calls: dict[str, int] = {}
     for module, name in [
-        (tasks.preprocess, "preprocess"),
-        (tasks.features, "build_features"),
-        (tasks.train, "train"),
-        (tasks.evaluate, "evaluate"),
+        (torchcycle.tasks.preprocess, "preprocess"),
+        (torchcycle.tasks.features, "build_features"),
+        (torchcycle.tasks.train, "train"),
+        (torchcycle.tasks.evaluate, "evaluate"),
     ]:
         real = getattr(module, name)
         monkeypatch.setattr(

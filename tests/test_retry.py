@@ -9,8 +9,8 @@ import pytest
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import ErrorCode
 
-from tasks.retry import is_transient, server_refusal
-from tasks.types import DataError
+from torchcycle.errors import DataError
+from torchcycle.retry import is_transient, server_refusal
 
 
 def _state(err: BaseException) -> SimpleNamespace:

@@ -19,21 +19,14 @@ from conftest import artifact_markdown, free_port
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.scoring import scoring_flow
-from flows.training import training_flow
-from tasks.config import config_from_dict
-from tasks.ingest import find_inputs
-from tasks.scoring import (
-    ModelRef,
-    ResolvedModel,
-    Scorer,
-    atomic_parquet,
-    check_schema,
-    plan_scoring,
-    score_batch,
-)
-from tasks.types import DataError
 from torchcycle.cli import app
+from torchcycle.config import config_from_dict
+from torchcycle.errors import DataError
+from torchcycle.flows.scoring import scoring_flow
+from torchcycle.flows.training import training_flow
+from torchcycle.registry import ModelRef, ResolvedModel
+from torchcycle.tables import atomic_parquet, check_schema, find_inputs
+from torchcycle.tasks.score import Scorer, plan_scoring, score_batch
 
 NAME = "scoring-test"
 

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.config import DataConfig, FeaturesConfig, ModelSpec, TrainSection
-from tasks.evaluate import evaluate
-from tasks.features import build_features
-from tasks.ingest import ingest
-from tasks.preprocess import preprocess
-from tasks.stage_cache import SafeSerializer, cached, stage_key
-from tasks.train import train
-from tasks.types import DataError
+from torchcycle.cache import SafeSerializer, cached, stage_key
+from torchcycle.config import DataConfig, FeaturesConfig, ModelSpec, TrainSection
+from torchcycle.errors import DataError
+from torchcycle.tasks.evaluate import evaluate
+from torchcycle.tasks.features import build_features
+from torchcycle.tasks.ingest import ingest
+from torchcycle.tasks.preprocess import preprocess
+from torchcycle.tasks.train import train
 
 
 @pytest.fixture(scope="module")

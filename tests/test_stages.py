@@ -10,16 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.bundle import load_bundle
-from tasks.config import DataConfig, FeaturesConfig, config_from_dict
-from tasks.evaluate import evaluate
-from tasks.features import build_features
-from tasks.ingest import ingest, read_table
-from tasks.preprocess import preprocess
-from tasks.register import write_bundle
-from tasks.train import train
-from tasks.types import DataError, RawData, frame_digest
-from tasks.validate import validate
+from torchcycle.config import DataConfig, FeaturesConfig, config_from_dict
+from torchcycle.errors import DataError
+from torchcycle.runtime.bundle import load_bundle
+from torchcycle.tasks.evaluate import evaluate
+from torchcycle.tasks.features import build_features
+from torchcycle.tasks.ingest import RawData, frame_digest, ingest, read_table
+from torchcycle.tasks.preprocess import preprocess
+from torchcycle.tasks.register import write_bundle
+from torchcycle.tasks.train import train
+from torchcycle.tasks.validate import validate
 
 
 def _raw(frame: pd.DataFrame, target: str = "y", task: str = "classification") -> RawData:
@@ -115,8 +115,7 @@ def test_torchvision_missing_files_is_clear(tmp_path: Path) -> None:
 
 # ---- validate -----------------------------------------------------------------------------------
 def test_validate_ok_and_errors() -> None:
-    profile = validate(_raw(_table()))
-    assert profile.n_rows == 60 and profile.n_features == 2 and set(profile.class_counts) == {"a", "b", "c"}
+    validate(_raw(_table()))  # 60 rows, two features, three classes: nothing to refuse
     with pytest.raises(DataError, match="target column 'y' is missing"):
         validate(_raw(_table().drop(columns="y")))
     with pytest.raises(DataError, match="no rows"):
@@ -316,7 +315,7 @@ def test_files_of_one_table_must_agree_on_numbers(tmp_path: Path) -> None:
 
 def test_na_text_is_a_value_in_a_text_column_and_missing_in_a_number_column(tmp_path: Path) -> None:
     """pandas' default would read the class 'NA' (or the country code) as missing and drop those rows."""
-    from tasks.ingest import read_table
+    from torchcycle.tasks.ingest import read_table
 
     path = tmp_path / "na.csv"
     path.write_text("x1,color,label,n\n1.5,NA,NA,NA\n2.5,red,US,3\n3,None,FR,\n")

@@ -14,11 +14,12 @@ import torch
 from conftest import cli_env
 from mlflow.tracking import MlflowClient
 
-import models.training as training
-from flows.training import training_flow
-from models.mlp import MLP, MLPConfig
-from models.training import OutOfMemory, TensorData, TrainConfig, fit, resolve_precision
-from tasks.config import load_config
+import torchcycle.models.training as training
+from torchcycle.config import load_config
+from torchcycle.flows.training import training_flow
+from torchcycle.models.inference import predict
+from torchcycle.models.mlp import MLP, MLPConfig
+from torchcycle.models.training import OutOfMemory, TensorData, TrainConfig, fit, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def _fit_digits(device: str = "cpu", **train_kw) -> tuple[float, training.FitRes
     model = MLP(MLPConfig(in_features=64, out_features=10, hidden=(128,)))
     cfg = TrainConfig(**{"epochs": 8, "batch_size": 64, "lr": 3e-3, "patience": 0, **train_kw})
     result = fit(model, data, cfg, task="classification", device=torch.device(device), progress=False)
-    logits = training.predict(model, x_te, torch.device(device))
+    logits = predict(model, x_te, torch.device(device))
     return (logits.argmax(1) == y_te).float().mean().item(), result
 
 

@@ -103,9 +103,8 @@ def _quiet_console_tracebacks() -> None:
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
-    from models.training import OutOfMemory
-    from tasks.config import ConfigError
-    from tasks.types import DataError
+    from torchcycle.errors import ConfigError, DataError
+    from torchcycle.models.training import OutOfMemory
 
     # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing
     return (ConfigError, DataError, OutOfMemory)
@@ -117,8 +116,8 @@ def _tracking_failure(err: BaseException) -> tuple[str, int] | None:
     import requests
     from mlflow.exceptions import MlflowException
 
-    from tasks.retry import server_refusal
-    from tasks.tracking import resolve_tracking_uri
+    from torchcycle.retry import server_refusal
+    from torchcycle.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     remote = uri.startswith(("http://", "https://"))
@@ -148,7 +147,7 @@ def _first_line(err: BaseException) -> str:
 
 def _classify(err: BaseException) -> tuple[str, int] | None:
     """(message, exit code) for every failure with a known cause; None for a bug of ours."""
-    from tasks.retry import file_system_refusal, is_lock_timeout
+    from torchcycle.retry import file_system_refusal, is_lock_timeout
 
     if isinstance(err, _bad_input_errors()):
         return str(err), EXIT_BAD_INPUT
@@ -157,7 +156,7 @@ def _classify(err: BaseException) -> tuple[str, int] | None:
         where = err.filename or "a file"
         return f"cannot use {where}: {err.strerror or type(err).__name__}", EXIT_BAD_INPUT
     if is_lock_timeout(err):
-        from tasks.tracking import resolve_tracking_uri
+        from torchcycle.tracking import resolve_tracking_uri
 
         return (
             f"the tracking store {resolve_tracking_uri()} stayed locked by another process, after retries; "
@@ -192,7 +191,7 @@ def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _preflight(cfg) -> None:
     """Checks that need no flow run: fail in milliseconds, not after starting Prefect."""
-    from tasks.ingest import find_inputs
+    from torchcycle.tables import find_inputs
 
     scheme, _, path = cfg.data.source.partition(":")
     if scheme == "file":
@@ -213,7 +212,7 @@ def train(
     """Run the training flow for one experiment config. Stages done by an earlier run with the same config,
     data and code come from the stage cache (TORCHCYCLE_CACHE_DIR, default ./cache)."""
     _setup_env()
-    from tasks.config import load_config
+    from torchcycle.config import load_config
 
     cfg = load_config(config, set_ or [])
     _preflight(cfg)
@@ -232,7 +231,7 @@ def train(
 @_clean_errors  # also rank 0's entry under DDP, outside Typer
 def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
     """The training flow plus its printed summary (also rank 0's job under DDP)."""
-    from flows.training import training_flow
+    from torchcycle.flows.training import training_flow
 
     _quiet_console_tracebacks()
     summary = training_flow(cfg, cache=cache)
@@ -260,11 +259,11 @@ def run(
 ) -> None:
     """The main job: train, gate, then batch-score held-out rows with the champion; one summary."""
     _setup_env()
-    from tasks.config import load_config
+    from torchcycle.config import load_config
 
     cfg = load_config(config, set_ or [])
     _preflight(cfg)
-    from flows.lifecycle import lifecycle_flow
+    from torchcycle.flows.lifecycle import lifecycle_flow
 
     _quiet_console_tracebacks()
     summary = lifecycle_flow(cfg, workdir=str(workdir))
@@ -285,16 +284,17 @@ def predict(
 ) -> None:
     """Batch-score files with a registered model into Parquet (written atomically)."""
     _setup_env()
-    from tasks.ingest import find_inputs
-    from tasks.scoring import ModelRef, check_output
-    from tasks.types import DataError
+    from torchcycle.errors import DataError
+    from torchcycle.registry import ModelRef
+    from torchcycle.tables import find_inputs
+    from torchcycle.tasks.score import check_output
 
     for option, value in (("--input", input_), ("--output", output)):
         if not value.strip():  # an unset shell variable: never "the current directory"
             raise DataError(f"{option} is empty: give a file, a directory or a glob")
     ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
     check_output(input_, find_inputs(input_), Path(output))
-    from flows.scoring import scoring_flow
+    from torchcycle.flows.scoring import scoring_flow
 
     _quiet_console_tracebacks()
     result = scoring_flow(model, input_, output, id_col or [], batch_rows)
@@ -362,7 +362,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the embedded store (or print where the server is)."""
-    from tasks.tracking import artifact_root_for, prepare_store, resolve_tracking_uri
+    from torchcycle.tracking import artifact_root_for, prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     if not uri.startswith("sqlite:///"):
@@ -390,7 +390,7 @@ def ui(
 def _client():
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import resolve_tracking_uri
+    from torchcycle.tracking import resolve_tracking_uri
 
     return MlflowClient(resolve_tracking_uri())
 
@@ -409,7 +409,7 @@ def _models_table(client, name: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import registry
+    from torchcycle import registry
 
     if name is None:
         names = registry.list_models(client)
@@ -436,7 +436,7 @@ def promote_cmd(
 ) -> None:
     """Point an alias (default champion) at a version by hand; recorded in the version's tags."""
     _setup_env()
-    from tasks import registry
+    from torchcycle import registry
 
     previous = registry.promote(_client(), name, version, alias)
     typer.echo(f"{name}@{alias}: v{previous or '-'} -> v{registry.check_version(version)}")
@@ -447,7 +447,7 @@ def promote_cmd(
 def rollback_cmd(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
     """Move champion back to the previous champion."""
     _setup_env()
-    from tasks import registry
+    from torchcycle import registry
 
     old, new = registry.rollback(_client(), name)
     typer.echo(f"{name}@champion: v{old or '-'} -> v{new}")
@@ -467,8 +467,8 @@ _Timezone = Annotated[str | None, typer.Option("--timezone", help="Time zone of 
 def _deployment_specs(config: str, source: Path, model: str, score_input: str, score_output: str, schedules, tz):
     """The two deployments with their schedules: options > the config's deployment: section > unset.
     Bad options or config: one error line, exit 2."""
-    from flows.deployments import default_specs
-    from tasks.config import check_timezone, load_config, parse_schedule
+    from torchcycle.config import check_timezone, load_config, parse_schedule
+    from torchcycle.flows.deployments import default_specs
 
     local = Path(config) if Path(config).is_absolute() else source / config
     try:
@@ -485,7 +485,7 @@ def _deployment_specs(config: str, source: Path, model: str, score_input: str, s
 
 def _with_server_schedules(specs):
     """Fill unset schedules from the server (or defaults); (specs, what changes, server schedules)."""
-    from flows.deployments import read_existing, resolve_schedules
+    from torchcycle.flows.deployments import read_existing, resolve_schedules
 
     existing = read_existing(tuple((s.flow_name, s.name) for s in specs))
     specs, changes = resolve_schedules(specs, existing)
@@ -518,7 +518,7 @@ def deploy(
     specs = _deployment_specs(config, source, model, score_input, score_output, schedules, timezone)
     from prefect import deploy as prefect_deploy
 
-    from flows.deployments import runner_deployments
+    from torchcycle.flows.deployments import runner_deployments
 
     _ensure_process_pool(pool)
     specs, changes, existing = _with_server_schedules(specs)
@@ -587,7 +587,7 @@ def _serve(specs) -> None:
 
     from prefect import serve as prefect_serve
 
-    from flows.deployments import runner_deployments
+    from torchcycle.flows.deployments import runner_deployments
 
     def stop(signum, frame):  # SIGTERM (docker stop, kill): unwind like Ctrl-C, so the server is stopped
         raise KeyboardInterrupt

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from tasks.config import load_config
+    from torchcycle.config import load_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     config = args[args.index("--config") + 1]
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
 def _train_only(cfg) -> None:
     import torch
 
-    from tasks.features import build_features
-    from tasks.ingest import ingest
-    from tasks.preprocess import preprocess
-    from tasks.train import train
+    from torchcycle.tasks.features import build_features
+    from torchcycle.tasks.ingest import ingest
+    from torchcycle.tasks.preprocess import preprocess
+    from torchcycle.tasks.train import train
 
     prepared = build_features(preprocess(ingest(cfg.data), cfg.data, cfg.seed), cfg.features)
     train(prepared, cfg.model, cfg.train, seed=cfg.seed, device=torch.device(cfg.train.device), progress=False)

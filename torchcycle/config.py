@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models import DERIVED_FIELDS, MODELS
-from models.training import TrainConfig
+from torchcycle.errors import ConfigError
+from torchcycle.models import DERIVED_FIELDS, MODELS
+from torchcycle.models.training import TrainConfig
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 SYNTHETIC_SETS = ("line", "xor", "regression", "linear2d", "classification")
@@ -59,10 +60,6 @@ def source_facts(source: str) -> SourceFacts:
     """Task, rows and image shape of `source` as far as they are known without reading it (file: sources
     are tables of unknown size whose task, unless given, is inferred from the target column)."""
     return _KNOWN_SOURCES.get(source, SourceFacts(None, None, None))
-
-
-class ConfigError(ValueError):
-    """A bad experiment config: the message names the offending key and what was expected."""
 
 
 def _problems(title: str, problems: list[tuple[tuple[str | int, ...], str]]) -> ValidationError:

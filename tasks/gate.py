@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 
-from tasks.retry import io_task_options
-from tasks.types import DataError, Task
+from torchcycle.errors import DataError
+from torchcycle.registry import CHALLENGER, CHAMPION, alias_target, append_champion_history
+from torchcycle.retry import io_task_options
+from torchcycle.runtime.types import Task
+from torchcycle.tracking import load_registered
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 # Metrics where smaller is better; every other metric is maximised.
 LOWER_IS_BETTER = frozenset({"test_mse", "test_mae"})
 
@@ -155,7 +156,6 @@ def decide_and_record(
 
 
 def _decide(client, tracking_uri, name, version, metric, challenger_value, margin, test_frame, target) -> Decision:
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
@@ -166,8 +166,7 @@ def _decide(client, tracking_uri, name, version, metric, challenger_value, margi
     incomparable = None
     champ_version = str(champ.version) if champ is not None else None  # MLflow returns ints here
     if champ is not None and champ_version != str(version):
-        mlflow.set_tracking_uri(tracking_uri)
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{champ_version}")
+        model = load_registered(tracking_uri, name, champ_version)
         try:
             preds = model.predict(test_frame.drop(columns=[target]))
         except (MlflowException, DataError) as err:  # other columns, or values its contract refuses
@@ -229,8 +228,6 @@ def finish_decision(client, name: str, version: str, d: Decision) -> None:
     """Move the aliases a recorded decision did not get to move, and none that another gate or a
     person has moved since: champion only while it is still the one the decision was made against,
     challenger only from an older version (or none)."""
-    from tasks.registry import alias_target
-
     if d.promote:
         if alias_target(client, name, CHAMPION) == d.champion_version:  # None: there was no champion
             _crown(client, name, version, d.champion_version)
@@ -242,7 +239,5 @@ def finish_decision(client, name: str, version: str, d: Decision) -> None:
 
 def _crown(client, name: str, version: str, previous: str | None) -> None:
     if previous:
-        from tasks.registry import append_champion_history
-
         append_champion_history(client, name, previous)  # no second entry when a retry gets here again
     client.set_registered_model_alias(name, CHAMPION, version)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.atomic import atomic_target
-from tasks.types import DataError
+from torchcycle.atomic import atomic_target
+from torchcycle.errors import DataError
 
 ENV_DIR = "TORCHCYCLE_CHECKPOINT_DIR"
 DEFAULT_DIR = "checkpoints"  # relative to the working directory, like mlflow/

@@ -6,7 +6,7 @@ import errno
 import re
 from typing import Any
 
-from tasks.types import DataError
+from torchcycle.errors import DataError
 
 # Bad input stays bad on the next try: retrying only delays the clear error.
 NOT_TRANSIENT: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, PermissionError, KeyError, TypeError)

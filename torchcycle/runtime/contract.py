@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.types import DataError
+from torchcycle.runtime.types import DataError
 
 MAX_CATEGORIES = 200  # a text column with more distinct values is free text: no category check
 _registered = False

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,29 @@ def prepare_store(tracking_uri: str) -> None:
     """Create the embedded store's folder (only for local SQLite). Called at the edge, never on import."""
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def use_tracking_uri(tracking_uri: str) -> None:
+    """Set the process's MLflow tracking URI, at the edge (a flow's first line) and nowhere else. Tasks pass
+    the URI and run id explicitly; only MLflow's own model logging reads this global."""
+    import mlflow
+
+    prepare_store(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def load_registered(tracking_uri: str, name: str, version: str):
+    """`models:/NAME/VERSION` as a pyfunc, fetched through `tracking_uri` (no global state): downloaded to a
+    directory of its own that stays for the process's lifetime, as MLflow's own loader does."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{name}/{version}",
+        dst_path=tempfile.mkdtemp(prefix="torchcycle-model-"),
+        tracking_uri=tracking_uri,
+        registry_uri=tracking_uri,
+    )
+    return mlflow.pyfunc.load_model(local)
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -72,11 +98,16 @@ def log_figures(client: MlflowClient, run_id: str, figures: dict[str, bytes], ar
 
 
 # ---- Prefect task wrappers: every one of these talks to the tracking server, so they retry. ----
-from prefect import task  # noqa: E402
+from prefect import runtime, task  # noqa: E402
 
-from tasks.retry import io_task_options  # noqa: E402
+from torchcycle.retry import io_task_options  # noqa: E402
 
 _IO_RETRIES = io_task_options()
+
+
+def flow_run_id() -> str:
+    """The Prefect flow run this code runs in, '' outside one."""
+    return str(runtime.flow_run.id) if runtime.flow_run.id else ""
 
 
 @task(name="start-mlflow-run", **_IO_RETRIES)
@@ -130,3 +161,53 @@ def log_history_task(tracking_uri: str, run_id: str, history: list[dict[str, flo
 @task(name="finish-mlflow-run", **_IO_RETRIES)
 def finish_run_task(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+@task(name="describe-mlflow-run", **_IO_RETRIES)
+def describe_run_task(tracking_uri: str, run_id: str, markdown: str) -> None:
+    """The run's description on its MLflow page (MLflow keeps it in the `mlflow.note.content` tag)."""
+    MlflowClient(tracking_uri).set_tag(run_id, "mlflow.note.content", markdown)
+
+
+@contextmanager
+def tracked_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> Iterator[str]:
+    """One MLflow run around a flow's body: yields its id; FINISHED when the body returns, FAILED when it
+    raises (the error goes on up)."""
+    run_id = start_run_task(tracking_uri, experiment, run_name, params, tags)
+    try:
+        yield run_id
+    except BaseException:
+        finish_run_task(tracking_uri, run_id, "FAILED")
+        raise
+    finish_run_task(tracking_uri, run_id)
+
+
+def dataset_input(frame, *, name: str, source: str, target: str, digest: str, context: str):
+    """A split as MLflow's dataset lineage (name, source, digest, schema), tagged with its role."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow's hint about integer columns: integer pixels are intended
+        # files (a path or a glob) are a local source; sklearn:/synthetic:/torchvision: are made by code
+        where = source.removeprefix("file:") if source.startswith("file:") else CodeDatasetSource({"source": source})
+        dataset = from_pandas(frame, source=where, targets=target, name=name, digest=digest[:16])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+@task(name="log-datasets", **_IO_RETRIES)
+def log_datasets_task(
+    tracking_uri: str, run_id: str, splits: dict[str, object], *, name: str, source: str, target: str
+) -> None:
+    """The train / validation / test splits as the run's input data sets, each with its content digest."""
+    from torchcycle.tables import frame_digest
+
+    inputs = [
+        dataset_input(f, name=f"{name}-{split}", source=source, target=target, digest=frame_digest(f), context=split)
+        for split, f in splits.items()
+    ]
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)

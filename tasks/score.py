@@ -1,17 +1,14 @@
-"""Batch scoring: stream CSV/Parquet through a registered model into Parquet, written atomically.
+"""Score (batch-predict): stream CSV/Parquet through a registered model into Parquet, written atomically.
 
-Plain functions (reference parsing, schema checks, per-batch scoring, the atomic sink) are
-side-effect free or touch only the files they are given; the @task wrappers at the bottom do
-registry I/O and carry the retries.
-"""
+Plain functions (per-batch scoring, output naming and checks, the Scorer) touch only the files they are
+given; the @task wrappers at the bottom do registry I/O and carry the retries. Reading and writing tables
+is torchcycle.tables; model references are torchcycle.registry."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,223 +16,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from tasks.atomic import atomic_target, check_writable_target
-from tasks.ingest import SUFFIXES, NoInputs, find_inputs
-from tasks.retry import is_not_found
-from tasks.types import LINEAGE_COLUMNS, DataError, StorageError, is_output_column
-
-DEFAULT_BATCH_ROWS = 65_536  # rows per record batch: bounded memory whatever the file size
-
-
-# ---- model references ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelRef:
-    """`NAME` (= NAME@champion), `NAME@alias` or `NAME/version`."""
-
-    name: str
-    alias: str | None = None
-    version: str | None = None
-
-    @classmethod
-    def parse(cls, ref: str, default_alias: str = "champion") -> ModelRef:
-        m = re.fullmatch(r"(?:models:/)?([^@/\s]+)(?:@([\w-]+)|/(\d+))?", ref.strip())
-        if not m:
-            raise DataError(f"bad model reference '{ref}': use NAME, NAME@alias or NAME/version")
-        from tasks.registry import check_alias, check_version
-
-        name, alias, version = m.groups()
-        try:  # MLflow's rules for versions (1 .. 2**63-1) and aliases (not 'latest', not 'v3')
-            version = check_version(version) if version is not None else None
-            alias = check_alias(alias) if alias is not None else None
-        except DataError as err:
-            raise DataError(f"bad model reference '{ref}': {err}") from None
-        return cls(name, alias or (None if version else default_alias), version)
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A reference pinned to one registry version, so lineage names exactly what scored."""
-
-    name: str
-    version: str
-    run_id: str
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def resolve_model(client: Any, ref: ModelRef) -> ResolvedModel:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = (
-            client.get_model_version_by_alias(ref.name, ref.alias)
-            if ref.alias
-            else client.get_model_version(ref.name, ref.version)
-        )
-    except MlflowException as err:
-        if is_not_found(err):
-            raise DataError(f"no model version for '{ref}' in the registry") from None
-        raise  # server trouble: transient, the task retries
-    return ResolvedModel(mv.name, str(mv.version), mv.run_id or "")
-
-
-# ---- inputs and their schema --------------------------------------------------------------------
-_KINDS = {
-    "boolean": "bool",
-    "integer": "number",
-    "long": "number",
-    "float": "number",
-    "double": "number",
-    "string": "string",
-    "datetime": "datetime",
-}
-
-
-def expected_columns(signature_schema: Any) -> dict[str, str]:
-    """Model input signature -> {column: kind}, kind in number | string | bool | datetime."""
-    if signature_schema is None or not signature_schema.has_input_names():
-        raise DataError("the model has no named input schema: re-register it with torchcycle train")
-    return {
-        spec.name: _KINDS.get(getattr(spec.type, "name", str(spec.type)), "string") for spec in signature_schema.inputs
-    }
-
-
-def _kind_of(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        return _kind_of(t.value_type)
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        return "number"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        return "datetime"
-    if pa.types.is_null(t):
-        return "null"  # an all-empty CSV column: fits any kind
-    return str(t)
-
-
-def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outputs: tuple[str, ...] = ()) -> None:
-    """Every problem at once: duplicate names, missing columns, incompatible types, names the output takes.
-
-    `outputs`: the model's output columns (prediction, proba_*), when known."""
-    names = schema.names
-    problems = []
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        problems.append(f"duplicate column name(s) {', '.join(dupes)}")
-    missing = [c for c in expected if c not in names]
-    if missing:
-        problems.append(f"missing column(s) {_names(missing)}")
-    wrong: dict[tuple[str, str], list[str]] = {}  # (expected kind, found type) -> columns
-    for col, kind in expected.items():
-        if col in names and col not in dupes:
-            found = _kind_of(schema.field(col).type)
-            # nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1
-            if found not in (kind, "null"):
-                wrong.setdefault((kind, str(schema.field(col).type)), []).append(col)
-    for (kind, found), cols in wrong.items():
-        problems.append(f"column(s) {_names(cols)} must be {kind}, found {found}")
-    taken = {*outputs, *LINEAGE_COLUMNS, "prediction"}
-    clash = [c for c in dict.fromkeys(names) if c in taken or (not outputs and is_output_column(c))]
-    if clash:
-        problems.append(
-            f"input column(s) {', '.join(clash)} would be overwritten by the output: rename or drop them first"
-        )
-    if problems:
-        raise DataError(f"{source}: " + "; ".join(problems))
-
-
-def _names(cols: list[str], show: int = 6) -> str:
-    more = f" (+{len(cols) - show} more)" if len(cols) > show else ""
-    return ", ".join(f"'{c}'" for c in cols[:show]) + more
-
-
-_CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
-
-
-_CSV_CELL = re.compile(r"In CSV column #(\d+): (.*)", re.S)
-
-
-def _csv_error(err: Exception, path: Path, names: list[str], expected: dict[str, str]) -> Exception:
-    """pyarrow's 'In CSV column #3: CSV conversion error ...' -> a DataError naming the column."""
-    m = _CSV_CELL.match(str(err).strip())
-    if m is None or int(m.group(1)) >= len(names):
-        return DataError(f"cannot read {path}: {_short(err)}")
-    column, what = names[int(m.group(1))], _short(Exception(m.group(2)))
-    kind = f" must be {expected[column]}" if column in expected else ""
-    return DataError(f"{path}: column '{column}'{kind}: {what}")
-
-
-def _csv_names(path: Path) -> list[str]:
-    import csv
-
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            return next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
-@contextmanager
-def open_batches(
-    path: Path, expected: dict[str, str], batch_rows: int
-) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch], int | None]]:
-    """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError.
-
-    CSV columns the model does not use are carried as the text they hold: a guessed type would turn the ID
-    00042 into 42, round a 20-digit ID through float64, or fail on text after 100,000 empty rows."""
-    pf: pq.ParquetFile | None = None
-    try:
-        if path.suffix.lower() == ".csv":
-            types = {c: pa.string() for c in _csv_names(path) if c not in expected}
-            # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
-            types.update({c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES})
-            reader = pacsv.open_csv(
-                path,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),  # ~4 MiB of text per batch
-                convert_options=pacsv.ConvertOptions(column_types=types),
-            )
-            schema, batches, total = reader.schema, iter(reader), None
-        else:
-            # pre_buffer=False: with it on, pyarrow keeps every row group it read (memory grows with the file).
-            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-            schema, batches, total = pf.schema_arrow, pf.iter_batches(batch_size=batch_rows), pf.metadata.num_rows
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
-        names = _csv_names(path) if path.suffix.lower() == ".csv" else []
-        raise _csv_error(err, path, names, expected) from None
-    try:
-        yield schema, _wrap_errors(batches, path, schema.names, expected), total
-    finally:
-        if pf is not None:
-            pf.close()
-
-
-def _wrap_errors(
-    batches: Iterator[pa.RecordBatch], path: Path, names: list[str], expected: dict[str, str]
-) -> Iterator[pa.RecordBatch]:
-    try:
-        yield from batches
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
-        raise _csv_error(err, path, names, expected) from None
-
-
-def _short(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+from torchcycle.atomic import check_writable_target
+from torchcycle.errors import DataError, StorageError
+from torchcycle.registry import ModelRef, ResolvedModel, resolve_model
+from torchcycle.runtime.types import LINEAGE_COLUMNS
+from torchcycle.tables import (
+    DEFAULT_BATCH_ROWS,
+    SUFFIXES,
+    NoInputs,
+    atomic_parquet,
+    check_schema,
+    expected_columns,
+    file_digest,
+    find_inputs,
+    open_batches,
+    write_frame,
+)
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -272,39 +69,6 @@ def score_batch(
         twice = sorted({n for n in names if names.count(n) > 1})
         raise DataError(f"input column(s) {', '.join(twice)} would be overwritten by the output: rename them first")
     return pa.RecordBatch.from_arrays(arrays, names=names)
-
-
-@contextmanager
-def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
-    """Yield a batch writer; the file appears at `path` only when every batch is written.
-
-    Batches go to a hidden temp file of this writer's own beside the target (tasks.atomic): a crash leaves
-    nothing at `path`, and of two writers racing for one path the last to finish wins with a whole file."""
-    with atomic_target(path) as tmp, _parquet_writer(tmp, path) as write:
-        yield write
-
-
-@contextmanager
-def _parquet_writer(tmp: Path, path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
-    writer: pq.ParquetWriter | None = None
-
-    def write(batch: pa.RecordBatch) -> None:
-        nonlocal writer
-        if writer is None:
-            # Dictionary-encode only the constant lineage columns: trying it on float columns costs time.
-            lineage = [c for c in LINEAGE_COLUMNS if c in batch.schema.names]
-            writer = pq.ParquetWriter(tmp, batch.schema, use_dictionary=lineage)
-        elif batch.schema != writer.schema:
-            raise DataError(f"inputs written to {path.name} differ in columns: {batch.schema.names}")
-        writer.write_batch(batch)
-
-    try:
-        yield write
-        if writer is None:
-            raise DataError("no rows to write")
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 @dataclass(frozen=True)
@@ -491,19 +255,11 @@ def summary_markdown(result: ScoreResult) -> str:
     )
 
 
-def write_frame(frame: Any, path: Path) -> Path:
-    """Write a DataFrame as Parquet atomically (a sample file for scoring, say)."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    with atomic_parquet(path) as write:
-        for batch in table.to_batches(max_chunksize=DEFAULT_BATCH_ROWS):
-            write(batch)
-    return path
-
-
 # ---- Prefect task wrappers ----------------------------------------------------------------------
 from prefect import get_run_logger, task  # noqa: E402
 
-from tasks.retry import io_task_options  # noqa: E402
+from torchcycle.retry import io_task_options  # noqa: E402
+from torchcycle.tracking import load_registered  # noqa: E402
 
 
 @task(name="resolve-model", **io_task_options())
@@ -554,10 +310,7 @@ class LoadedModel:
 @task(name="load-model", **io_task_options())
 def load_model_task(tracking_uri: str, model: ResolvedModel) -> LoadedModel:
     """Load the registered pyfunc through MLflow (models:/NAME/VERSION)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(model.uri)
+    pyfunc = load_registered(tracking_uri, model.name, model.version)
     expected = expected_columns(pyfunc.metadata.get_input_schema())
     inner = pyfunc.unwrap_python_model()
     # Our own pyfunc: call its predictor directly; the columns were checked and cast above, so

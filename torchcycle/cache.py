@@ -29,13 +29,15 @@ import torch
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.serializers import Serializer
 
-from tasks.types import DataError
+from torchcycle.errors import DataError
 
 ENV_DIR = "TORCHCYCLE_CACHE_DIR"
 DEFAULT_DIR = "cache"  # relative to the working directory, like checkpoints/ and mlflow/
 SERIALIZER_TYPE = "torchcycle-safe"
-_ALLOWED_MODULES = ("tasks.", "models.")  # dataclasses the decoder may build
-_CODE_DIRS = ("models", "tasks")  # a change to any of these files is a change to the stages' code
+# dataclasses the decoder may build
+_ALLOWED_MODULES = ("torchcycle.tasks.", "torchcycle.models.", "torchcycle.runtime.")
+# a change to any module of these packages is a change to the stages' code
+_CODE_PACKAGES = ("torchcycle", "torchcycle.runtime", "torchcycle.models", "torchcycle.tasks")
 
 
 def cache_dir() -> Path:
@@ -44,14 +46,24 @@ def cache_dir() -> Path:
 
 @cache
 def code_version() -> str:
-    """sha256 over torchcycle's stage code (models/ and tasks/), read once per process."""
-    root = Path(__file__).resolve().parents[1]
+    """sha256 over torchcycle's stage code (the package, its runtime, models/ and tasks/), read once per process.
+
+    Found where Python imports them from, so a wheel install and an editable checkout hash the same files."""
+    import importlib.util
+
     h = hashlib.sha256()
-    for d in _CODE_DIRS:
-        for path in sorted((root / d).glob("*.py")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+    for package in _CODE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for folder in spec.submodule_search_locations or ():
+            for path in sorted(Path(folder).glob("*.py")):
+                h.update(f"{package}.{path.name}".encode())
+                h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def stage_keys(config_hash: str, data_digest: str, world_size: int, enabled: bool = True):
+    """stage name -> its cache key (None: not cached), for one run of the training flow."""
+    return lambda stage: stage_key(stage, config_hash, data_digest, world_size) if enabled else None
 
 
 def stage_key(stage: str, config_hash: str, data_digest: str, world_size: int = 1) -> str:
@@ -98,7 +110,7 @@ class _Encoder:
             from safetensors.torch import save
 
             return {"$": "tensor", "blob": self.blob(save({"t": obj.detach().cpu().contiguous()}))}
-        from tasks.bundle import FeaturePipeline
+        from torchcycle.runtime.bundle import FeaturePipeline
 
         if isinstance(obj, FeaturePipeline):
             return {"$": "pipeline", "files": {k: self.blob(v) for k, v in obj.to_files().items()}}
@@ -140,7 +152,7 @@ class _Decoder:
 
             return load(self.blob(node["blob"]))["t"]
         if kind == "pipeline":
-            from tasks.bundle import FeaturePipeline
+            from torchcycle.runtime.bundle import FeaturePipeline
 
             return FeaturePipeline.from_files({k: self.blob(v) for k, v in node["files"].items()})
         if kind == "dataclass":
@@ -199,7 +211,7 @@ def _check_record(content: bytes, path: str) -> bytes:
     return content
 
 
-def cached(task: Any, key: str | None, *, refresh: bool = False) -> Any:
+def cached(task: Any, key: str | None) -> Any:
     """`task` with its result persisted under `key` in `cache_dir()` (Prefect cache); uncached when key is None."""
     if key is None:
         return task.with_options(cache_policy=NO_CACHE, persist_result=False)
@@ -216,5 +228,4 @@ def cached(task: Any, key: str | None, *, refresh: bool = False) -> Any:
         persist_result=True,
         result_serializer=SafeSerializer(),
         result_storage=storage,
-        refresh_cache=refresh,
     )

@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import build_model
-from models.training import predict as torch_predict
-from tasks.contract import check_frame, infer_contract
-from tasks.contract import from_json as contract_from_json
-from tasks.contract import to_json as contract_to_json
-from tasks.types import DataError, Task
+from torchcycle.models import build_model
+from torchcycle.models.inference import predict as torch_predict
+from torchcycle.runtime.contract import check_frame, infer_contract
+from torchcycle.runtime.contract import from_json as contract_from_json
+from torchcycle.runtime.contract import to_json as contract_to_json
+from torchcycle.runtime.types import DataError, Task
 
 FORMAT_VERSION = 1
 # skops refuses every type not listed; scikit-learn estimators are trusted by default,
@@ -287,7 +287,7 @@ _EXPECTED = {"model.json", "weights.safetensors", "preprocessor.json", "column_t
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """Rebuild a model from a bundle directory without unpickling anything."""
-    from models import MODELS
+    from torchcycle.models import MODELS
 
     directory = Path(directory)
     if not (directory / "model.json").is_file():

@@ -12,12 +12,15 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from tasks.promote import CHAMPION
-from tasks.retry import is_not_found
-from tasks.types import DataError
+from torchcycle.errors import DataError
+from torchcycle.retry import is_not_found
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
 
 
 class RegistryError(DataError):
@@ -187,3 +190,58 @@ def append_champion_history(client, name: str, version: str) -> None:
     if history and history[-1] == str(version):
         return
     client.set_registered_model_tag(name, "champion_history", ",".join([*history, str(version)]))
+
+
+# ---- model references: NAME, NAME@alias, NAME/version -----------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """`NAME` (= NAME@champion), `NAME@alias` or `NAME/version`."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str, default_alias: str = "champion") -> ModelRef:
+        m = re.fullmatch(r"(?:models:/)?([^@/\s]+)(?:@([\w-]+)|/(\d+))?", ref.strip())
+        if not m:
+            raise DataError(f"bad model reference '{ref}': use NAME, NAME@alias or NAME/version")
+        name, alias, version = m.groups()
+        try:  # MLflow's rules for versions (1 .. 2**63-1) and aliases (not 'latest', not 'v3')
+            version = check_version(version) if version is not None else None
+            alias = check_alias(alias) if alias is not None else None
+        except DataError as err:
+            raise DataError(f"bad model reference '{ref}': {err}") from None
+        return cls(name, alias or (None if version else default_alias), version)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A reference pinned to one registry version, so lineage names exactly what scored."""
+
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(client: Any, ref: ModelRef) -> ResolvedModel:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = (
+            client.get_model_version_by_alias(ref.name, ref.alias)
+            if ref.alias
+            else client.get_model_version(ref.name, ref.version)
+        )
+    except MlflowException as err:
+        if is_not_found(err):
+            raise DataError(f"no model version for '{ref}' in the registry") from None
+        raise  # server trouble: transient, the task retries
+    return ResolvedModel(mv.name, str(mv.version), mv.run_id or "")

@@ -14,7 +14,7 @@ class TorchcyclePyfunc(mlflow.pyfunc.PythonModel):
     """Raw input rows -> `prediction` (+ `proba_<class>` columns for classifiers)."""
 
     def load_context(self, context) -> None:
-        from tasks.bundle import load_bundle
+        from torchcycle.runtime.bundle import load_bundle
 
         self.predictor = load_bundle(context.artifacts["bundle"])
 
@@ -23,7 +23,7 @@ class TorchcyclePyfunc(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from tasks.types import DataError
+        from torchcycle.runtime.types import DataError
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,7 @@ Task = Literal["classification", "regression"]
 EpochCallback = Callable[[int, dict[str, float]], None]
 # Called after every epoch with the full training state (see `fit`), to persist it somewhere.
 CheckpointFn = Callable[[dict], None]
+Schedule = torch.optim.lr_scheduler.LRScheduler
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def _make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def _make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Schedule | None:
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     if cfg.schedule == "onecycle":
@@ -156,6 +158,19 @@ def _evaluate(
     return metrics
 
 
+def _per_rank_batch(batch_size: int, world: int) -> int:
+    return max(1, batch_size // world)  # the global batch stays cfg.batch_size
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, world: int, resident: bool) -> int:
+    """Optimizer steps each rank takes per epoch: the batches `_train_batches` yields. Resident data is
+    trimmed to a multiple of `world` (n // world rows a rank); DistributedSampler pads every rank to
+    ceil(n / world) rows instead. The LR schedule is sized from this, so it must never count short."""
+    if world > 1:
+        n_rows = n_rows // world if resident else -(-n_rows // world)
+    return max(1, -(-n_rows // _per_rank_batch(batch_size, world)))  # ceil division
+
+
 def _train_batches(
     data: TensorData, cfg: TrainConfig, device: torch.device, resident: bool, gen: torch.Generator, epoch: int
 ):
@@ -164,7 +179,7 @@ def _train_batches(
     Resident: index slices of tensors already on the device (no DataLoader, no host copies).
     Streaming: a DataLoader with workers and pinned memory, copies overlapped with compute."""
     rank, world = distributed()
-    per_rank = max(1, cfg.batch_size // world)  # the global batch stays cfg.batch_size
+    per_rank = _per_rank_batch(cfg.batch_size, world)
     if resident:
         perm = torch.randperm(len(data.x_train), generator=gen)  # same order on every rank (same seed)
         if world > 1:  # equal shares, so every rank takes the same number of steps
@@ -175,7 +190,7 @@ def _train_batches(
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
     dataset = TensorDataset(data.x_train, data.y_train)
-    if world > 1:
+    if world > 1:  # pads every rank to ceil(N / world) rows, repeating a few: every rank takes the same steps
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=int(gen.initial_seed()))
         sampler.set_epoch(epoch)
     else:
@@ -190,6 +205,195 @@ def _train_batches(
     )
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
+# ---- the phases of `fit` -------------------------------------------------------------------------
+@dataclass
+class _RunState:
+    """What `fit` carries from epoch to epoch besides the model, optimizer and schedule."""
+
+    epoch: int = 0  # the last finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_loss: float = float("inf")
+    best_model: dict[str, torch.Tensor] | None = None
+    stopped: bool = False
+
+
+def _fit_knn(
+    model: nn.Module,
+    data: TensorData,
+    cfg: TrainConfig,
+    task: Task,
+    device: torch.device,
+    callback: EpochCallback | None,
+    start: float,
+) -> FitResult:
+    """KNN: "training" is memorising the train split; one evaluation is its only epoch."""
+    model.fit(data.x_train.to(device), data.y_train.to(device))
+    metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device)
+    if callback:
+        callback(1, metrics)
+    return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start)
+
+
+def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """The module the steps call: `model` in channels_last for convolutions on CUDA, under DDP when
+    distributed, compiled when asked. Its parameters stay `model`'s, so the optimizer takes those."""
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)  # NHWC: what tensor cores want for convolutions
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _restore(
+    resume: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Schedule | None,
+    gen: torch.Generator,
+    device: torch.device,
+) -> _RunState:
+    """Load a `_checkpoint_state` back: weights, optimizer, schedule and every RNG the loop draws from."""
+    model.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    if sched is not None and resume.get("scheduler") is not None:
+        sched.load_state_dict(resume["scheduler"])
+    gen.set_state(resume["shuffle_rng"])
+    torch.set_rng_state(resume["torch_rng"])  # dropout masks continue the same sequence
+    if device.type == "cuda" and resume.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(resume["cuda_rng"], device)
+    return _RunState(
+        epoch=resume["epoch"],
+        history=list(resume["history"]),
+        best_epoch=resume["best_epoch"],
+        best_loss=resume["best_loss"],
+        best_model=resume.get("best_model"),
+        stopped=resume["stopped"],
+    )
+
+
+def _train_epoch(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Schedule | None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    task: Task,
+    device: torch.device,
+    autocast: torch.dtype | None,
+) -> float:
+    """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss."""
+    net.train()
+    running = torch.zeros((), device=device)  # summed on the device: no per-step host sync
+    seen = 0
+    for xb, yb in batches:
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = net(xb)
+        loss = loss_fn(task, out.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        running += loss.detach() * len(yb)
+        seen += len(yb)
+    return running.item() / max(seen, 1)
+
+
+def _record_epoch(run: _RunState, epoch: int, metrics: dict[str, float], model: nn.Module, cfg: TrainConfig) -> None:
+    """Early-stopping bookkeeping: record `epoch`, keep the best weights, stop after `patience` without gain."""
+    run.epoch = epoch
+    run.history.append(metrics)
+    if metrics["val_loss"] < run.best_loss - cfg.min_delta:
+        run.best_loss, run.best_epoch = metrics["val_loss"], epoch
+        run.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    elif cfg.patience and epoch - run.best_epoch >= cfg.patience:
+        run.stopped = True
+
+
+def _agree_to_stop(stopped: bool, device: torch.device, world: int) -> bool:
+    """Under DDP rank 0 decides, so no rank waits in a collective the others left."""
+    if world == 1:
+        return stopped
+    flag = torch.tensor([int(stopped)], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _checkpoint_state(
+    run: _RunState,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Schedule | None,
+    gen: torch.Generator,
+    device: torch.device,
+) -> dict:
+    """Everything `_restore` needs to continue after `run.epoch` exactly as if never interrupted."""
+    return {
+        "epoch": run.epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "shuffle_rng": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "history": run.history,
+        "best_epoch": run.best_epoch,
+        "best_loss": run.best_loss,
+        "best_model": run.best_model,
+        "stopped": run.stopped,
+    }
+
+
+def _on_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _EpochProgress:
+    """Epoch progress on stderr: a tqdm bar on a terminal; elsewhere (worker logs, CI, a pipe) one plain
+    line per epoch, so logs get no carriage-return redraws. Silent when disabled."""
+
+    def __init__(self, epochs: range, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        on_terminal = enabled and _on_terminal(sys.stderr)
+        self.bar = tqdm(epochs, desc="train", unit="epoch", leave=False) if on_terminal else None
+        self.epochs = self.bar if self.bar is not None else epochs
+
+    def __iter__(self):
+        return iter(self.epochs)
+
+    def show(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+        elif self.enabled:
+            values = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"epoch {epoch}/{self.total} {values}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _out_of_memory(device: torch.device, cfg: TrainConfig) -> OutOfMemory:
+    return OutOfMemory(
+        f"{device} ran out of memory at train.batch_size={cfg.batch_size}: "
+        f"try --set train.batch_size={max(1, cfg.batch_size // 2)}"
+    )
+
+
+def _finish(model: nn.Module, cfg: TrainConfig, device: torch.device, run: _RunState, start: float) -> FitResult:
+    if cfg.patience and run.best_model is not None:
+        model.load_state_dict(run.best_model)  # early stopping ends on the best epoch's weights
+    if device.type == "cuda":
+        model.to(memory_format=torch.contiguous_format)  # saved weights in the default layout
+    return FitResult(run.history, run.best_epoch, run.best_loss, run.stopped, time.perf_counter() - start)
 
 
 def fit(
@@ -212,114 +416,45 @@ def fit(
 
     `checkpoint` receives the whole state after every epoch (model, optimizer, scheduler, RNG and
     shuffling state, history, best epoch); passing such a state back as `resume` continues from the
-    next epoch and, on the same device, ends exactly where an uninterrupted run would."""
+    next epoch and, on the same device, ends exactly where an uninterrupted run would.
+
+    `progress`: a bar on a terminal, one line per epoch on a non-terminal stderr (rank 0 only)."""
     start = time.perf_counter()
     rank, world = distributed()
     model.to(device)
     resident = data_fits_on_device(data, device, cfg.gpu_data_budget)
     if resident:
         data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_val, data.y_val)))
-
-    if not getattr(model, "trainable", True):  # KNN: "training" is memorising the train split
-        model.fit(data.x_train.to(device), data.y_train.to(device))
-        metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device)
-        if callback:
-            callback(1, metrics)
-        return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start)
+    if not getattr(model, "trainable", True):
+        return _fit_knn(model, data, cfg, task, device, callback, start)
 
     autocast = resolve_precision(cfg.precision, device)
-    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        model.to(memory_format=torch.channels_last)  # NHWC: what tensor cores want for convolutions
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = _wrap_model(model, cfg, device, world)
     opt = _make_optimizer(model, cfg, device)
-    n_rank = len(data.x_train) // world if world > 1 else len(data.x_train)
-    steps_per_epoch = max(1, -(-n_rank // max(1, cfg.batch_size // world)))  # ceil division
-    sched = _make_schedule(opt, cfg, steps_per_epoch * cfg.epochs)
+    sched = _make_schedule(opt, cfg, steps_per_epoch(len(data.x_train), cfg.batch_size, world, resident) * cfg.epochs)
     gen = torch.Generator().manual_seed(seed)  # shuffling order depends on the seed only
-    best_loss, best_epoch, best_state = float("inf"), 0, None
-    history: list[dict[str, float]] = []
-    stopped, first = False, 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None and resume.get("scheduler") is not None:
-            sched.load_state_dict(resume["scheduler"])
-        gen.set_state(resume["shuffle_rng"])
-        torch.set_rng_state(resume["torch_rng"])  # dropout masks continue the same sequence
-        if device.type == "cuda" and resume.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        history, best_epoch, best_loss = list(resume["history"]), resume["best_epoch"], resume["best_loss"]
-        best_state, stopped = resume.get("best_model"), resume["stopped"]
-        first = resume["epoch"] + 1
-    epochs = range(first, cfg.epochs + 1) if not stopped else range(0)
-    bar = tqdm(epochs, desc="train", unit="epoch", disable=not progress or rank > 0, leave=False)
+    run = _RunState() if resume is None else _restore(resume, model, opt, sched, gen, device)
+    epochs = range(run.epoch + 1, cfg.epochs + 1) if not run.stopped else range(0)
+    bar = _EpochProgress(epochs, cfg.epochs, enabled=progress and rank == 0)
     try:
         for epoch in bar:
-            net.train()
-            running = torch.zeros((), device=device)  # summed on the device: no per-step host sync
-            seen = 0
-            for xb, yb in _train_batches(data, cfg, device, resident, gen, epoch):
-                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                    out = net(xb)
-                loss = loss_fn(task, out.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                running += loss.detach() * len(yb)
-                seen += len(yb)
+            batches = _train_batches(data, cfg, device, resident, gen, epoch)
+            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast)
             val = _evaluate(model, task, data.x_val, data.y_val, max(cfg.batch_size, 1024), device, autocast)
-            metrics = {"train_loss": running.item() / max(seen, 1), **val}
-            if not np.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(
-                    f"training diverged at epoch {epoch} (loss {metrics['train_loss']}): lower train.lr"
-                )
-            history.append(metrics)
+            metrics = {"train_loss": train_loss, **val}
+            if not np.isfinite(train_loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}): lower train.lr")
+            _record_epoch(run, epoch, metrics, model, cfg)
             if callback:
                 callback(epoch, metrics)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
-            if metrics["val_loss"] < best_loss - cfg.min_delta:
-                best_loss, best_epoch = metrics["val_loss"], epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif cfg.patience and epoch - best_epoch >= cfg.patience:
-                stopped = True
-            if world > 1:  # rank 0 decides, so no rank waits in a collective the others left
-                flag = torch.tensor([int(stopped)], device=device)
-                torch.distributed.broadcast(flag, src=0)
-                stopped = bool(flag.item())
+            bar.show(epoch, metrics)
+            run.stopped = _agree_to_stop(run.stopped, device, world)
             if checkpoint is not None and rank == 0:
-                checkpoint(
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict() if sched is not None else None,
-                        "shuffle_rng": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "history": history,
-                        "best_epoch": best_epoch,
-                        "best_loss": best_loss,
-                        "best_model": best_state,
-                        "stopped": stopped,
-                    }
-                )
-            if stopped:
+                checkpoint(_checkpoint_state(run, model, opt, sched, gen, device))
+            if run.stopped:
                 break
     except torch.OutOfMemoryError:
-        raise OutOfMemory(
-            f"{device} ran out of memory at train.batch_size={cfg.batch_size}: "
-            f"try --set train.batch_size={max(1, cfg.batch_size // 2)}"
-        ) from None
-    if cfg.patience and best_state is not None:
-        model.load_state_dict(best_state)
-    if device.type == "cuda":
-        model.to(memory_format=torch.contiguous_format)  # saved weights in the default layout
-    return FitResult(history, best_epoch, best_loss, stopped, time.perf_counter() - start)
+        raise _out_of_memory(device, cfg) from None
+    finally:
+        bar.close()
+    return _finish(model, cfg, device, run, start)

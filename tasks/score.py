@@ -7,6 +7,7 @@ is torchcycle.tables; model references are torchcycle.registry."""
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,9 +217,13 @@ class Scorer:
             return FileResult(str(path), str(target), rows, digest.result())
 
     def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None]) -> int:
+        """With `progress`: a bar on a terminal; elsewhere (worker logs, CI) one plain line per scored file,
+        so logs get no carriage-return redraws."""
         from tqdm.auto import tqdm
 
-        rows = 0
+        start, rows = time.perf_counter(), 0
+        isatty = getattr(sys.stderr, "isatty", None)
+        bar_on = self.progress and bool(isatty and isatty())
         with open_batches(path, self.expected, self.batch_rows) as (schema, batches, total):
             check_schema(schema, self.expected, str(path), self.outputs)
             missing_ids = [c for c in self.id_cols if c not in schema.names]
@@ -229,7 +234,7 @@ class Scorer:
                 *self.id_cols,
                 *(c for c in schema.names if c not in self.expected and c not in self.id_cols),
             ]
-            with tqdm(total=total, unit="row", desc=path.name, disable=not self.progress, leave=False) as bar:
+            with tqdm(total=total, unit="row", desc=path.name, disable=not bar_on, leave=False) as bar:
                 for batch in batches:
                     if batch.num_rows:
                         try:
@@ -240,6 +245,9 @@ class Scorer:
                     bar.update(batch.num_rows)
         if rows == 0:
             raise DataError(f"{path} has no data rows")
+        if self.progress and not bar_on:
+            seconds = time.perf_counter() - start
+            print(f"scored {path.name}: {rows} rows in {seconds:.2f} s", file=sys.stderr, flush=True)
         return rows
 
 

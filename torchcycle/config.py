@@ -8,12 +8,22 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from torchcycle.errors import ConfigError
@@ -234,23 +244,44 @@ class ModelSpec(_Strict):
         return {k: v for k, v in asdict(cfg).items() if k not in DERIVED_FIELDS}
 
 
-class TrainSection(_Strict):
-    """Mirror of models.training.TrainConfig, so YAML keys are checked at the edge."""
+# The edge's limits on models.training.TrainConfig's fields. Names, types and defaults are the dataclass's
+# own (`_fields_of` below), so a field added there is a config key at once; only its limits are set here.
+_TRAIN_LIMITS: dict[str, Any] = {
+    "epochs": Field(gt=0),
+    "batch_size": Field(gt=0),
+    "lr": Field(gt=0),
+    "momentum": Field(ge=0, lt=1),  # SGD's velocity decay: 1 or more never forgets, and diverges
+    "weight_decay": Field(ge=0),
+    "patience": Field(ge=0),
+    "min_delta": Field(ge=0),
+    "gpu_data_budget": Field(gt=0, le=1),
+    "num_workers": Field(ge=0),
+}
 
-    epochs: int = Field(20, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = Field(0.0, ge=0, lt=1)  # SGD's velocity decay: 1 or more never forgets, and diverges
-    weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(5, ge=0)
-    min_delta: float = Field(0.0, ge=0)
-    schedule: Literal["none", "cosine", "onecycle"] = "none"
-    device: str = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False
-    gpu_data_budget: float = Field(0.5, gt=0, le=1)
-    num_workers: int = Field(2, ge=0)
+
+def _fields_of(dc: type, limits: dict[str, Any], base: type[BaseModel]) -> type[BaseModel]:
+    """A pydantic model with the fields of dataclass `dc` (names, types, defaults, order), each with its
+    `limits` (a Field of constraints); a limit naming no field of `dc` is a bug, refused at import."""
+    names = [f.name for f in fields(dc)]
+    unknown = sorted(set(limits) - set(names))
+    if unknown:
+        raise TypeError(f"limits for {', '.join(unknown)}, which {dc.__name__} does not have")
+    hints = typing.get_type_hints(dc)
+    defs: dict[str, Any] = {}
+    for f in fields(dc):
+        default = f.default
+        if f.default_factory is not MISSING:
+            default = Field(default_factory=f.default_factory)
+        elif default is MISSING:
+            default = ...  # required
+        kind = Annotated[hints[f.name], limits[f.name]] if f.name in limits else hints[f.name]
+        defs[f.name] = (kind, default)
+    return create_model(f"{dc.__name__}Fields", __base__=base, __module__=__name__, **defs)
+
+
+class TrainSection(_fields_of(TrainConfig, _TRAIN_LIMITS, _Strict)):
+    """models.training.TrainConfig as a config section: its fields, types and defaults, checked at the edge
+    (unknown keys, the limits above, finite floats, device names)."""
 
     @field_validator("device")
     @classmethod

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from torchcycle.models.inference import predict as torch_predict
 from torchcycle.models.training import FitResult
+from torchcycle.runtime.types import Task
 from torchcycle.tasks.features import Prepared
 from torchcycle.tasks.train import TrainedModel
 
@@ -55,6 +59,50 @@ def loss_curve_png(fit: FitResult) -> bytes:
     return _png(fig)
 
 
+def label_text(values: ArrayLike) -> np.ndarray:
+    """Class labels as the text they are matched by: `str(label)`, as FeaturePipeline.encode_target maps
+    raw target values to class indices. 3, np.int64(3) and "3" are one label; True and "True" too."""
+    return np.asarray(values, dtype=object).astype(str)
+
+
+def test_metrics(
+    y_true: ArrayLike, y_pred: ArrayLike, *, task: Task, classes: Sequence[Any] | None
+) -> dict[str, float]:
+    """The test metrics of predictions against true values: what evaluate() logs for a new version and what
+    the promotion gate scores the champion with, so the two are computed alike.
+
+    Classification: labels (not class indices) compared as text (`label_text`); precision, recall and F1
+    are macro averages over `classes`, the model's full class list, with zero_division=0: a class missing
+    from the test split (and never predicted) counts 0 for every model scored on it. Labels outside
+    `classes` count for accuracy only. Regression: mse, mae and r2 (NaN for fewer than two rows), in
+    target units; `classes` is ignored."""
+    from sklearn import metrics as skm
+
+    if task == "classification":
+        if classes is None:
+            raise ValueError("classification metrics need the model's class list")
+        y, pred, labels = label_text(y_true), label_text(y_pred), label_text(classes)
+        p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
+        m = {
+            "test_accuracy": float((y == pred).mean()) if len(y) else float("nan"),
+            "test_f1_macro": f1,
+            "test_precision_macro": p,
+            "test_recall_macro": r,
+        }
+    else:
+        y = np.asarray(y_true, dtype=np.float64)
+        pred = np.asarray(y_pred, dtype=np.float64)
+        m = {
+            "test_mse": skm.mean_squared_error(y, pred),
+            "test_mae": skm.mean_absolute_error(y, pred),
+            "test_r2": skm.r2_score(y, pred) if len(y) > 1 else float("nan"),
+        }
+    return {k: float(v) for k, v in m.items()}
+
+
+test_metrics.__test__ = False  # a metric function, not a test, when a test module imports it
+
+
 def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     import matplotlib
 
@@ -65,23 +113,21 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     out = torch_predict(trained.build(), torch.from_numpy(prepared.x_test), torch.device("cpu"))
     figures = {"loss_curve.png": loss_curve_png(trained.fit)}
     y = prepared.y_test
-    if prepared.pipeline.task == "classification":
+    task = prepared.pipeline.task
+    if task == "classification":
+        classes = list(prepared.pipeline.classes or [])
         pred = out.argmax(1).numpy()
-        labels = list(range(len(prepared.pipeline.classes or [])))
-        p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
-        m = {
-            "test_accuracy": skm.accuracy_score(y, pred),
-            "test_f1_macro": f1,
-            "test_precision_macro": p,
-            "test_recall_macro": r,
-        }
-        if len(labels) <= MAX_CONFUSION_CLASSES:
+        # class indices -> their labels: scored in the label space the gate scores the champion's output in
+        names = np.asarray(classes, dtype=object)
+        m = test_metrics(names[y], names[pred], task=task, classes=classes)
+        if len(classes) <= MAX_CONFUSION_CLASSES:
+            labels = list(range(len(classes)))
             fig, ax = plt.subplots(figsize=(6, 5))
             skm.ConfusionMatrixDisplay.from_predictions(
                 y,
                 pred,
                 labels=labels,
-                display_labels=[str(c) for c in prepared.pipeline.classes or []],
+                display_labels=[str(c) for c in classes],
                 ax=ax,
                 colorbar=False,
             )
@@ -90,11 +136,7 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     else:
         decode = prepared.pipeline.decode_target
         pred, y = decode(out[:, 0].numpy()), decode(y)
-        m = {
-            "test_mse": skm.mean_squared_error(y, pred),
-            "test_mae": skm.mean_absolute_error(y, pred),
-            "test_r2": skm.r2_score(y, pred) if len(y) > 1 else float("nan"),
-        }
+        m = test_metrics(y, pred, task=task, classes=None)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(y, pred, s=12, alpha=0.7)
         lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
@@ -104,7 +146,7 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
         ax.set_title("predicted vs actual (test split)")
         ax.legend()
         figures["predicted_vs_actual.png"] = _png(fig)
-    return EvalReport({k: float(v) for k, v in m.items()}, figures)
+    return EvalReport(m, figures)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

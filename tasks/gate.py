@@ -8,17 +8,19 @@ it; `gate_task` adds the lock, the log line and the artifact.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 
+from torchcycle.config import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from torchcycle.errors import DataError
 from torchcycle.registry import CHALLENGER, CHAMPION, alias_target, append_champion_history
 from torchcycle.retry import io_task_options
-from torchcycle.runtime.types import Task
-from torchcycle.tracking import load_registered
+from torchcycle.runtime.types import PREDICTION_COLUMN, Task
+from torchcycle.tasks.evaluate import test_metrics
+from torchcycle.tracking import download_registered, load_registered
 
 # Metrics where smaller is better; every other metric is maximised.
 LOWER_IS_BETTER = frozenset({"test_mse", "test_mae"})
@@ -56,24 +58,42 @@ def should_promote(
     return Decision(promote, reason, metric, challenger, champion, champion_version)
 
 
-def metric_on(predictions: pd.DataFrame, truth: pd.Series, metric: str) -> float:
-    """Score a pyfunc's output frame against raw target values (the same metrics evaluate() logs)."""
-    from sklearn import metrics as skm
-
-    pred = predictions["prediction"].to_numpy()
-    y = truth.to_numpy()
-    if metric == "test_accuracy":
-        return float((pred.astype(str) == y.astype(str)).mean())
-    if metric == "test_f1_macro":
-        return float(skm.f1_score(y.astype(str), pred.astype(str), average="macro"))
-    pred, y = pred.astype(np.float64), y.astype(np.float64)
-    if metric == "test_r2":
-        return float(skm.r2_score(y, pred))
-    if metric == "test_mse":
-        return float(skm.mean_squared_error(y, pred))
-    if metric == "test_mae":
-        return float(skm.mean_absolute_error(y, pred))
+def metric_task(metric: str) -> Task:
+    if metric in CLASSIFICATION_METRICS:
+        return "classification"
+    if metric in REGRESSION_METRICS:
+        return "regression"
     raise ValueError(f"unsupported gate metric '{metric}'")
+
+
+def output_classes(columns: Iterable[str]) -> list[str]:
+    """The class labels, as text, that a pyfunc's output columns (or its signature's) name: `proba_<class>`."""
+    return [c.removeprefix("proba_") for c in columns if c.startswith("proba_")]
+
+
+def version_classes(tracking_uri: str, name: str, version: str) -> list[str] | None:
+    """The class labels, as text, of registered version `version`, from the output signature it was logged
+    with (only its MLmodel file is fetched); None when it has no output signature."""
+    import tempfile
+
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="torchcycle-mlmodel-") as tmp:
+        path = download_registered(tracking_uri, name, version, tmp, "MLmodel")
+        signature = Model.load(path).signature
+    if signature is None or signature.outputs is None:
+        return None
+    return output_classes(signature.outputs.input_names())
+
+
+def score_output(predictions: pd.DataFrame, truth: pd.Series, metric: str, classes: Sequence[str] | None) -> float:
+    """`metric` of a pyfunc's output frame against raw target values, computed by evaluate()'s test_metrics
+    over the label set `classes` (None: the classes the frame's `proba_<class>` columns name)."""
+    task_ = metric_task(metric)
+    if task_ == "classification" and classes is None:
+        classes = output_classes(predictions.columns)
+    pred = predictions[PREDICTION_COLUMN].to_numpy()
+    return test_metrics(truth.to_numpy(), pred, task=task_, classes=classes)[metric]
 
 
 def decision_markdown(name: str, version: str, d: Decision) -> str:
@@ -172,7 +192,11 @@ def _decide(client, tracking_uri, name, version, metric, challenger_value, margi
         except (MlflowException, DataError) as err:  # other columns, or values its contract refuses
             incomparable = f"champion v{champ_version} cannot score this run's test split: {str(err)[:300]}"
         else:
-            champion_value = metric_on(preds, test_frame[target], metric)
+            # Scored over the challenger's class list, the label set its value was computed over (evaluate()),
+            # not the champion's: a class the data gained or lost since the champion was trained then counts
+            # alike for both, as does a class missing from this test split.
+            classes = version_classes(tracking_uri, name, version) if metric_task(metric) == "classification" else None
+            champion_value = score_output(preds, test_frame[target], metric, classes)
     if incomparable:  # no fair comparison: never promote blindly
         return Decision(False, incomparable, metric, challenger_value, None, champ_version)
     return should_promote(metric, challenger_value, champion_value, margin, champ_version)

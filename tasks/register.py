@@ -63,14 +63,19 @@ def register_model(
     registered, not logged a second time. One run, one version. `metrics` (the test metrics) are linked
     to the logged model, so its page shows what it scored."""
     from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     client = MlflowClient(tracking_uri)
     done = version_from_run(client, name, run_id)
     if done is not None:
         return done
-    model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
-    _ensure_registered_model(client, name)
-    mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
+    # MLflow reads the process-wide tracking URI in two places here (log_model, and the SQL registry store
+    # resolving models:/<model_id>, see its TODO): scope it to this call, so everything lands where `client`
+    # points. In a flow it is the URI the flow set at its edge already.
+    with _use_tracking_uri(tracking_uri):
+        model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
+        _ensure_registered_model(client, name)
+        mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
 
 
@@ -122,7 +127,6 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
         # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         signature = infer_signature(example, predictor.predict(example))
-        # MLflow logs to the tracking URI the flow set at the edge; the model and run are named explicitly.
         mlflow.pyfunc.log_model(
             name=LOGGED_MODEL_NAME,
             model_id=logged.model_id,

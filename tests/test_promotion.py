@@ -219,23 +219,22 @@ def test_register_task_retried_after_a_partial_success_is_one_version(
 ) -> None:
     """The first attempt fails once the model is logged: with the version made (the server's answer was
     lost), or before it. Prefect retries the task; the run ends with one logged model and one version."""
-    import mlflow
     from prefect import flow
 
     from torchcycle.tasks.register import register_task
 
-    real_register = mlflow.register_model
+    real_register = MlflowClient.create_model_version
     calls: list[str] = []
 
-    def flaky(model_uri, name, **kwargs):
-        calls.append(model_uri)
+    def flaky(self, name, source, *args, **kwargs):
+        calls.append(source)
         if len(calls) == 1:
             if lost == "after-registering":
-                real_register(model_uri, name, **kwargs)
+                real_register(self, name, source, *args, **kwargs)
             raise ConnectionError("connection reset by peer")
-        return real_register(model_uri, name, **kwargs)
+        return real_register(self, name, source, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow, "register_model", flaky)
+    monkeypatch.setattr(MlflowClient, "create_model_version", flaky)
     prepared, trained = tiny
     run_id = _new_run(tracking_uri)
     retrying = register_task.with_options(retry_delay_seconds=0)

@@ -48,17 +48,23 @@ def use_tracking_uri(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
 
 
-def load_registered(tracking_uri: str, name: str, version: str):
-    """`models:/NAME/VERSION` as a pyfunc, fetched through `tracking_uri` (no global state): downloaded to a
-    directory of its own that stays for the process's lifetime, as MLflow's own loader does."""
+def download_registered(tracking_uri: str, name: str, version: str, dst: str, path: str = "") -> str:
+    """Files of registered version `version` of `name` (all of it, or `path` inside it) fetched through
+    `tracking_uri`; returns the local path. MLflow's own models:/ resolver would ask the process-wide
+    registry URI instead of the one passed in, so the version's artifact location is looked up here."""
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{version}",
-        dst_path=tempfile.mkdtemp(prefix="torchcycle-model-"),
-        tracking_uri=tracking_uri,
-        registry_uri=tracking_uri,
-    )
+    location = MlflowClient(tracking_uri).get_model_version_download_uri(name, version)
+    uri = f"{location.rstrip('/')}/{path}" if path else location
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri)
+
+
+def load_registered(tracking_uri: str, name: str, version: str):
+    """`models:/NAME/VERSION` as a pyfunc, fetched through `tracking_uri` (no global state), into a directory
+    of its own that stays for the process's lifetime, as MLflow's own loader does."""
+    import mlflow
+
+    local = download_registered(tracking_uri, name, version, tempfile.mkdtemp(prefix="torchcycle-model-"))
     return mlflow.pyfunc.load_model(local)
 
 

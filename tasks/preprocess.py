@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
@@ -72,4 +72,9 @@ def preprocess(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
 
 @task(name="preprocess", cache_policy=NO_CACHE)
 def preprocess_task(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
-    return preprocess(raw, cfg, seed)
+    splits = preprocess(raw, cfg, seed)
+    if splits.dropped_rows:  # said, not silent: a column of missing labels is worth knowing about
+        get_run_logger().warning(
+            "dropped %d of %d rows with no value in target column '%s'", splits.dropped_rows, len(raw.frame), raw.target
+        )
+    return splits

@@ -70,6 +70,20 @@ def test_training_flow_tracks_registers_and_loads_back(tracking_uri: str) -> Non
     assert not [p for p in local.rglob("*") if p.suffix in {".pkl", ".pickle"}]
     assert (local / "artifacts" / "bundle" / "weights.safetensors").exists()
 
+    # MLflow's own lineage: the three splits as the run's data sets, with digests of their content and role
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"flow-test-train", "flow-test-validation", "flow-test-test"}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in datasets.items()}
+    assert contexts == {"flow-test-train": "train", "flow-test-validation": "validation", "flow-test-test": "test"}
+    digests = {d.dataset.digest for d in datasets.values()}
+    assert len(digests) == 3 and all(len(d) == 16 for d in digests)
+    assert all("sklearn:iris" in d.dataset.source for d in datasets.values())
+    # the logged model carries its test metrics, and the run page's description is the summary
+    logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["test_accuracy"] == pytest.approx(summary.metrics["test_accuracy"])
+    assert f"version {summary.model_version}" in run.data.tags["mlflow.note.content"]
+
     # the Prefect flow run carries a markdown summary with the metrics and the MLflow run id
     md = artifact_markdown(summary.flow_run_id)
     assert summary.run_id in md and "test_accuracy" in md

@@ -186,12 +186,10 @@ class Predictor:
         self,
         model: torch.nn.Module,
         pipeline: FeaturePipeline,
-        meta: dict[str, Any],
         device: torch.device | None = None,
     ) -> None:
         self.model = model.eval()
         self.pipeline = pipeline
-        self.meta = meta
         self.device = device or torch.device("cpu")
 
     @property
@@ -304,4 +302,4 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Pr
     model = build_model(meta["kind"], cfg_cls(**raw_cfg))
     model.load_state_dict(load_file(directory / "weights.safetensors"))
     device = torch.device(device)
-    return Predictor(model.to(device), FeaturePipeline.load(directory), meta, device)
+    return Predictor(model.to(device), FeaturePipeline.load(directory), device)

@@ -187,3 +187,23 @@ def test_readme_layout_matches_the_tree() -> None:
     assert named == tree, (
         f"README names but tree lacks: {sorted(named - tree)}; tree has, README lacks: {sorted(tree - named)}"
     )
+
+
+def test_the_wheel_installs_one_package(tmp_path: Path) -> None:
+    """What `pip install` of a release puts into site-packages: torchcycle/ (with models, tasks, flows and the
+    runtime inside it) and its dist-info, nothing else."""
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("torchcycle-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"torchcycle", next(t for t in tops if t.endswith(".dist-info"))}, tops
+    for module in ("models/cnn.py", "tasks/gate.py", "flows/training.py", "runtime/pyfunc.py", "cli.py"):
+        assert f"torchcycle/{module}" in names, module

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click: its parser raises this one
 from typer.core import TyperGroup
+
+from torchcycle.store import resolve_tracking_uri
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -102,36 +105,44 @@ def _quiet_console_tracebacks() -> None:
         handler.addFilter(_NoTracebackOnTheConsole())
 
 
+def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes `module.name` when `module` is imported, else (): an error of a class whose module
+    was never imported cannot have been raised, so classifying one imports nothing (torch, httpx and mlflow
+    take seconds to import, and a registry command's error line should not wait for them)."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, name) for name in names) if found is not None else ()
+
+
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from torchcycle.errors import ConfigError, DataError
-    from torchcycle.models.training import OutOfMemory
 
     # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing
-    return (ConfigError, DataError, OutOfMemory)
+    return (ConfigError, DataError, *_loaded("torchcycle.models.training", "OutOfMemory"))
 
 
 def _tracking_failure(err: BaseException) -> tuple[str, int] | None:
     """(message, exit code) when `err` is a server refusing (2) or unreachable/failing (3), else None."""
-    import httpx
-    import requests
-    from mlflow.exceptions import MlflowException
-
     from torchcycle.retry import server_refusal
-    from torchcycle.tracking import resolve_tracking_uri
 
+    status_error = _loaded("httpx", "HTTPStatusError")
     uri = resolve_tracking_uri()
     remote = uri.startswith(("http://", "https://"))
     refusal = server_refusal(err)
-    if refusal and isinstance(err, httpx.HTTPStatusError):
+    if refusal and isinstance(err, status_error):
         return f"the Prefect server refused the request ({refusal}); check PREFECT_API_AUTH_STRING", EXIT_BAD_INPUT
     if refusal and remote:
         hint = " (check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)" if refusal.startswith("401") else ""
         return f"the MLflow server at {uri} refused the request ({refusal}){hint}", EXIT_BAD_INPUT
-    if isinstance(err, httpx.HTTPStatusError) and err.response.status_code >= 500:
+    if isinstance(err, status_error) and err.response.status_code >= 500:
         return f"the Prefect server failed ({err.response.status_code}); try again later", EXIT_SERVICE_DOWN
-    if isinstance(err, httpx.TransportError):
+    if isinstance(err, _loaded("httpx", "TransportError")):
         return f"the Prefect server is unreachable ({_first_line(err)}); try again later", EXIT_SERVICE_DOWN
-    if remote and isinstance(err, MlflowException | requests.exceptions.RequestException | ConnectionError):
+    failing = (
+        *_loaded("mlflow.exceptions", "MlflowException"),
+        *_loaded("requests.exceptions", "RequestException"),
+        ConnectionError,
+    )
+    if remote and isinstance(err, failing):
         return (
             f"the MLflow tracking server at {uri} is unreachable or failing, after retries ({_first_line(err)}). "
             "Run the same command again later; a training resumes from its last checkpoint.",
@@ -156,8 +167,6 @@ def _classify(err: BaseException) -> tuple[str, int] | None:
         where = err.filename or "a file"
         return f"cannot use {where}: {err.strerror or type(err).__name__}", EXIT_BAD_INPUT
     if is_lock_timeout(err):
-        from torchcycle.tracking import resolve_tracking_uri
-
         return (
             f"the tracking store {resolve_tracking_uri()} stayed locked by another process, after retries; "
             "try again when it has finished",
@@ -362,7 +371,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
 ) -> None:
     """Open the MLflow UI on the embedded store (or print where the server is)."""
-    from torchcycle.tracking import artifact_root_for, prepare_store, resolve_tracking_uri
+    from torchcycle.store import artifact_root_for, prepare_store
 
     uri = resolve_tracking_uri()
     if not uri.startswith("sqlite:///"):
@@ -388,11 +397,29 @@ def ui(
 
 
 def _client():
-    from mlflow.tracking import MlflowClient
+    with _no_gc_while_starting():
+        from mlflow.tracking import MlflowClient
 
-    from torchcycle.tracking import resolve_tracking_uri
+        return MlflowClient(resolve_tracking_uri())
 
-    return MlflowClient(resolve_tracking_uri())
+
+@contextlib.contextmanager
+def _no_gc_while_starting() -> Iterator[None]:
+    """Import MLflow and open its store with the cyclic garbage collector paused, then exempt what that made
+    from later collections (gc.freeze). Those are some 250,000 objects (modules, classes, SQLAlchemy
+    mappings) that live as long as the process: every full collection while they are being made walks all
+    of them again, and so does the one at exit, for nothing: over a second of `torchcycle models` on a
+    2-core machine, more than half of what `import mlflow` takes (bench/bench_cli.py). Only in a process
+    that has not imported MLflow yet (a command as a user runs it); the collector runs as usual afterwards."""
+    if "mlflow" in sys.modules or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 @app.command("models")
@@ -406,9 +433,6 @@ def models_cmd(
 
 
 def _models_table(client, name: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from torchcycle import registry
 
     if name is None:
@@ -416,6 +440,9 @@ def _models_table(client, name: str | None) -> None:
         typer.echo("\n".join(names) if names else "no registered models yet: run `torchcycle train`")
         return
     rows = registry.list_versions(client, name)
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=name)
     for col in ("version", "aliases", "status", "metric", "value", "created", "run id"):
         table.add_column(col)

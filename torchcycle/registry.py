@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from torchcycle.errors import DataError
 from torchcycle.retry import is_not_found
 
@@ -90,6 +88,8 @@ class VersionRow:
 
 
 def _registered(client, name: str):
+    from mlflow.exceptions import MlflowException  # here, not on import: ModelRef.parse needs no MLflow
+
     try:
         return client.get_registered_model(name)
     except MlflowException as err:
@@ -99,6 +99,8 @@ def _registered(client, name: str):
 
 
 def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
     _registered(client, name)
     try:
         return client.get_model_version(name, str(version))
@@ -169,6 +171,8 @@ def rollback(client, name: str) -> tuple[str, str]:
 
 def alias_target(client, name: str, alias: str) -> str | None:
     """The version `alias` points at, None when it is not set."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as err:

@@ -12,7 +12,7 @@
 3. Prints seconds (best and median) and the ratios b/a (goal <= 1.5) and c/a.
 
 Prefect is kept off the network: PREFECT_HOME is a temporary folder, PREFECT_API_* are unset and
-PREFECT_SERVER_ANALYTICS_ENABLED=false. tests/test_cli_speed.py runs the same measurement (fewer rounds).
+PREFECT_SERVER_ANALYTICS_ENABLED=false. tests/cli/test_cli_speed.py runs the same measurement (fewer rounds).
 """
 
 from __future__ import annotations

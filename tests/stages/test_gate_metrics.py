@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import test_promotion
+import test_gate
 from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
 from torchcycle.tasks.evaluate import evaluate, test_metrics
 from torchcycle.tasks.gate import decide_and_record, score_output, version_classes
 
-tiny = test_promotion.tiny  # iris, softmax, 2 epochs: the registered model of the promotion tests
+tiny = test_gate.tiny  # iris, softmax, 2 epochs: the registered model of the promotion tests
 
 
 # ---- the shared function on tiny arrays -------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_the_same_model_scores_the_same_as_challenger_and_as_champion(store: str
 
     client = MlflowClient(store)
     for _ in range(2):  # one model, registered twice: v1 the champion, v2 the challenger
-        test_promotion._register(store, tiny, tmp_path, "same")
+        test_gate._register(store, tiny, tmp_path, "same")
     assert version_classes(store, "same", "2") == [str(c) for c in prepared.pipeline.classes]
 
     def gate(version: str):

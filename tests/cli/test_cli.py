@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from torchcycle.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

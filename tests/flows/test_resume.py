@@ -24,7 +24,7 @@ from torchcycle.flows.training import training_flow
 from torchcycle.models.mlp import MLP, MLPConfig
 from torchcycle.models.training import TensorData, TrainConfig, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _data() -> TensorData:

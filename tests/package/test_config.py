@@ -10,7 +10,7 @@ from torchcycle.config import config_from_dict, load_config, parse_schedule
 from torchcycle.errors import ConfigError
 from torchcycle.models import CNNConfig, KNNConfig, LinearConfig, MLPConfig, SoftmaxConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 BASE = {"name": "m", "data": {"source": "sklearn:iris"}, "model": {"kind": "mlp"}}
 

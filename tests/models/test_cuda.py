@@ -2,7 +2,7 @@
 fallback with pinned memory, a real out-of-memory error, and the whole flow on a GPU.
 
 Skipped where torch sees no CUDA device (CI and these development machines have none). On a GPU machine:
-`pytest tests/test_cuda.py`. The README's "Training speed" section records the last run.
+`pytest tests/models/test_cuda.py`. The README's "Training speed" section records the last run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torchcycle.models.training import OutOfMemory, TensorData, TrainConfig, fit
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False here)"
 )
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_resident_bf16_on_cuda_keeps_fp32_accuracy() -> None:

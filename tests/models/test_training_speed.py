@@ -1,6 +1,7 @@
 """The fast paths of the training loop on CPU: bf16 autocast, torch.compile, the streaming fallback,
 the out-of-memory message, and torch DDP with 2 gloo processes through `torchcycle train --nproc 2`.
-The same checks on a GPU are in tests/test_cuda.py (skipped without CUDA); bench/bench_train.py measures speed."""
+The same checks on a GPU are in tests/models/test_cuda.py (skipped without CUDA); bench/bench_train.py
+measures speed."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torchcycle.models.inference import predict
 from torchcycle.models.mlp import MLP, MLPConfig
 from torchcycle.models.training import OutOfMemory, TensorData, TrainConfig, fit, resolve_precision
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digits() -> tuple[TensorData, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import labelled_table, train_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = """
 name: envcheck

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 PG_USER = os.environ.get("TORCHCYCLE_TEST_PGUSER", "postgres")
 MODEL = "prod-test"

@@ -18,7 +18,7 @@ from torchcycle.tasks.preprocess import preprocess
 from torchcycle.tasks.register import write_bundle
 from torchcycle.tasks.train import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _run(name: str, tmp_path: Path) -> tuple[dict[str, float], Predictor, float]:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+# torchcycle.runtime.types.Task too: models/ imports nothing of torchcycle outside models/ (pure torch layer)
 Task = Literal["classification", "regression"]
 # Called after every epoch with (epoch starting at 1, {"train_loss": .., "val_loss": .., ...}).
 EpochCallback = Callable[[int, dict[str, float]], None]

@@ -134,8 +134,10 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
             ax.set_title("confusion matrix (test split)")
             figures["confusion_matrix.png"] = _png(fig)
     else:
-        decode = prepared.pipeline.decode_target
-        pred, y = decode(out[:, 0].numpy()), decode(y)
+        # the raw float64 targets, as the gate scores the champion against: decoding the float32 training
+        # targets would be off by ~1e-9 in r2, enough to break a tie between identical models
+        pred = prepared.pipeline.decode_target(out[:, 0].numpy())
+        y = prepared.test_frame[prepared.target].to_numpy(dtype=np.float64)
         m = test_metrics(y, pred, task=task, classes=None)
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(y, pred, s=12, alpha=0.7)

@@ -28,6 +28,7 @@ class Prepared:
     x_test: np.ndarray
     y_test: np.ndarray
     test_frame: pd.DataFrame  # raw test rows (features + target), for examples and sample files
+    target: str = ""  # the target column of test_frame
 
     @property
     def n_features(self) -> int:
@@ -61,7 +62,7 @@ def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
         return pipe.transform(frame), pipe.encode_target(frame[splits.target])
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = xy(splits.train), xy(splits.val), xy(splits.test)
-    return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test)
+    return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test, splits.target)
 
 
 @task(name="features", cache_policy=NO_CACHE)

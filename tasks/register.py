@@ -17,6 +17,7 @@ from torchcycle.retry import io_task_options
 from torchcycle.runtime.bundle import load_bundle, save_bundle
 from torchcycle.tasks.features import Prepared
 from torchcycle.tasks.train import TrainedModel
+from torchcycle.tracking import require_tracking_uri
 
 # What a version was made from; equal on all three means training again would make the same model.
 LINEAGE_TAGS = ("data_digest", "config_hash", "code_version")
@@ -63,20 +64,28 @@ def register_model(
     registered, not logged a second time. One run, one version. `metrics` (the test metrics) are linked
     to the logged model, so its page shows what it scored."""
     from mlflow.tracking import MlflowClient
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     client = MlflowClient(tracking_uri)
     done = version_from_run(client, name, run_id)
     if done is not None:
         return done
     # MLflow reads the process-wide tracking URI in two places here (log_model, and the SQL registry store
-    # resolving models:/<model_id>, see its TODO): scope it to this call, so everything lands where `client`
-    # points. In a flow it is the URI the flow set at its edge already.
-    with _use_tracking_uri(tracking_uri):
-        model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
-        _ensure_registered_model(client, name)
-        mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
+    # resolving models:/<model_id>, see its TODO): the edge (the flow's first line) must have set it to ours.
+    require_tracking_uri(tracking_uri)
+    model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
+    _link_output(client, run_id, model_id)
+    _ensure_registered_model(client, name)
+    mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
     return RegisteredVersion(name, str(mv.version), f"models:/{name}/{mv.version}", run_id)
+
+
+def _link_output(client: Any, run_id: str, model_id: str) -> None:
+    """List the model among the run's outputs (the run page links it), once, whichever attempt logged it."""
+    from mlflow.entities import LoggedModelOutput
+
+    outputs = client.get_run(run_id).outputs
+    if model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
@@ -115,14 +124,17 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
     import time
 
     import mlflow
-    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.entities import Metric
     from mlflow.models import infer_signature
 
     predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is logged
     code = model_code()
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
+    now = int(time.time() * 1000)
+    linked = [Metric(k, float(v), now, 0, model_id=logged.model_id) for k, v in metrics.items()]
+    if linked:  # before the model is READY: a retry that finds it READY finds its metrics linked too
+        client.log_batch(run_id, metrics=linked)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
@@ -137,10 +149,6 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
             input_example=example,
             pip_requirements=list(code.requirements),
         )
-    now = int(time.time() * 1000)
-    linked = [Metric(k, float(v), now, 0, model_id=logged.model_id) for k, v in metrics.items()]
-    if linked:
-        client.log_batch(run_id, metrics=linked)
     return logged.model_id
 
 

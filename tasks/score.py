@@ -317,16 +317,37 @@ class LoadedModel:
 
 @task(name="load-model", **io_task_options())
 def load_model_task(tracking_uri: str, model: ResolvedModel) -> LoadedModel:
-    """Load the registered pyfunc through MLflow (models:/NAME/VERSION)."""
-    pyfunc = load_registered(tracking_uri, model.name, model.version)
+    """Load the registered version as MLflow's pyfunc, fetched through `tracking_uri`."""
+    return loaded_model(load_registered(tracking_uri, model.name, model.version))
+
+
+def loaded_model(pyfunc: Any) -> LoadedModel:
+    """How to call a loaded pyfunc on raw rows: the predictor itself when it is one of this runtime's."""
     expected = expected_columns(pyfunc.metadata.get_input_schema())
     inner = pyfunc.unwrap_python_model()
-    # Our own pyfunc: call its predictor directly; the columns were checked and cast above, so
-    # MLflow's per-batch schema enforcement would only repeat that work. Anything else: pyfunc.predict.
+    # A model of this runtime: call its predictor directly; the columns were checked and cast above, so
+    # MLflow's per-batch schema enforcement would only repeat that work. Anything else (a version logged
+    # before the torchcycle namespace, whose errors are another module's DataError): through pyfunc.predict.
     predictor = getattr(inner, "predictor", None)
-    if predictor is None:
-        return LoadedModel(pyfunc.predict, expected)
+    if predictor is None or not type(predictor).__module__.startswith("torchcycle.runtime."):
+        return LoadedModel(_refusals_as_data_errors(pyfunc.predict), expected)
     return LoadedModel(predictor.predict, expected, tuple(predictor.output_columns))
+
+
+def _refusals_as_data_errors(predict: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """pyfunc.predict answers bad input with MlflowException(INVALID_PARAMETER_VALUE): a DataError here."""
+
+    def checked(frame: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return predict(frame)
+        except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise DataError(err.message) from None
+
+    return checked
 
 
 @task(name="score-files", **io_task_options())

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The stage cache (tasks/stage_cache.py) lives outside the checkout for the whole session; each test
+# The stage cache (torchcycle/cache.py) lives outside the checkout for the whole session; each test
 # then gets its own (below), so no test takes another's trained model from the cache.
 os.environ["TORCHCYCLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchcycle-cache-")
 warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
@@ -33,9 +33,14 @@ def _own_stage_cache(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.fixture()
-def tracking_uri(tmp_path: Path) -> str:
-    """A fresh embedded MLflow store per test."""
-    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+def tracking_uri(tmp_path: Path, monkeypatch) -> str:
+    """A fresh embedded MLflow store per test, also MLflow's process-wide URI for the test, as a flow's edge
+    sets it (tasks that call MLflow's model logging directly need that); restored afterwards."""
+    from mlflow.tracking._tracking_service import utils
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setattr(utils, "_tracking_uri", uri)
+    return uri
 
 
 @pytest.fixture()

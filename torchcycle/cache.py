@@ -36,8 +36,10 @@ DEFAULT_DIR = "cache"  # relative to the working directory, like checkpoints/ an
 SERIALIZER_TYPE = "torchcycle-safe"
 # dataclasses the decoder may build
 _ALLOWED_MODULES = ("torchcycle.tasks.", "torchcycle.models.", "torchcycle.runtime.")
-# a change to any module of these packages is a change to the stages' code
-_CODE_PACKAGES = ("torchcycle", "torchcycle.runtime", "torchcycle.models", "torchcycle.tasks")
+# a change to any module of these packages is a change to the stages' code (and to what they are handed)
+_CODE_PACKAGES = ("torchcycle", "torchcycle.runtime", "torchcycle.models", "torchcycle.tasks", "torchcycle.flows")
+# ... except the edge: the CLI's help text or the local server's start-up make no other model
+_EDGE = ("__main__.py", "cli.py", "ddp.py", "local_server.py", "idx.py")
 
 
 def cache_dir() -> Path:
@@ -46,7 +48,8 @@ def cache_dir() -> Path:
 
 @cache
 def code_version() -> str:
-    """sha256 over torchcycle's stage code (the package, its runtime, models/ and tasks/), read once per process.
+    """sha256 over the code that makes a model (models/, tasks/, flows/, the runtime and the plumbing the stages
+    use; not the CLI), read once per process.
 
     Found where Python imports them from, so a wheel install and an editable checkout hash the same files."""
     import importlib.util
@@ -55,7 +58,9 @@ def code_version() -> str:
     for package in _CODE_PACKAGES:
         spec = importlib.util.find_spec(package)
         for folder in spec.submodule_search_locations or ():
-            for path in sorted(Path(folder).glob("*.py")):
+            for path in sorted(
+                p for p in Path(folder).glob("*.py") if not (package == "torchcycle" and p.name in _EDGE)
+            ):
                 h.update(f"{package}.{path.name}".encode())
                 h.update(path.read_bytes())
     return h.hexdigest()

@@ -484,7 +484,7 @@ _DeployConfig = Annotated[str, typer.Option("--config", help="Config to retrain 
 _ScoreModel = Annotated[str, typer.Option("--model", help="Model the scheduled scoring uses.")]
 _ScoreIn = Annotated[str, typer.Option("--score-input", help="Directory/glob scored on the schedule.")]
 _ScoreOut = Annotated[str, typer.Option("--score-output", help="Directory for scored files.")]
-# tasks.config.SCHEDULE_HELP's words; not imported, since tasks.config imports torch and help must be quick
+# torchcycle.config.SCHEDULE_HELP's words; not imported: torchcycle.config imports torch, help must be quick
 _Schedule = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'off'"
 _RetrainSchedule = Annotated[str | None, typer.Option("--retrain-schedule", help=f"When to retrain: {_Schedule}.")]
 _ScoreSchedule = Annotated[str | None, typer.Option("--score-schedule", help=f"When to score: {_Schedule}.")]

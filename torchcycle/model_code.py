@@ -18,6 +18,8 @@ from functools import cache
 from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
+from packaging.version import Version
+
 ENTRY = "torchcycle.runtime.pyfunc"  # MLflow runs this file to rebuild the model
 
 
@@ -76,7 +78,8 @@ def model_code(entry: str = ENTRY) -> ModelCode:
                 todo.append(imported)
             elif top not in sys.stdlib_module_names:
                 theirs.add(top)
-    requirements = sorted({f"{d}=={version(d)}" for d in map(_distribution, theirs)})
+    # public versions: a local build's '+cu130' is not on the index a user installs from
+    requirements = sorted({f"{d}=={Version(version(d)).public}" for d in map(_distribution, theirs)})
     return ModelCode(ours, tuple(requirements))
 
 

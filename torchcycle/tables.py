@@ -210,7 +210,7 @@ def file_digest(path: Path) -> str:
 def atomic_parquet(path: Path) -> Iterator[Callable[[pa.RecordBatch], None]]:
     """Yield a batch writer; the file appears at `path` only when every batch is written.
 
-    Batches go to a hidden temp file of this writer's own beside the target (tasks.atomic): a crash leaves
+    Batches go to a hidden temp file of this writer's own beside the target (torchcycle.atomic): a crash leaves
     nothing at `path`, and of two writers racing for one path the last to finish wins with a whole file."""
     with atomic_target(path) as tmp, _parquet_writer(tmp, path) as write:
         yield write

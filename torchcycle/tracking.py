@@ -3,6 +3,7 @@ is touched on import, and MlflowClient with a run id is safe from Prefect's work
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -24,6 +25,18 @@ def use_tracking_uri(tracking_uri: str) -> None:
 
     prepare_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+
+
+def require_tracking_uri(tracking_uri: str) -> None:
+    """For MLflow calls that read only the process-wide URI: refuse to run when the edge did not set it to
+    `tracking_uri`, rather than write somewhere else."""
+    import mlflow
+
+    if mlflow.get_tracking_uri() != tracking_uri:
+        raise RuntimeError(
+            f"MLflow's tracking URI is {mlflow.get_tracking_uri()}, not {tracking_uri}: "
+            "set it at the edge with torchcycle.tracking.use_tracking_uri"
+        )
 
 
 def download_registered(tracking_uri: str, name: str, version: str, dst: str, path: str = "") -> str:
@@ -163,7 +176,8 @@ def tracked_run(
     try:
         yield run_id
     except BaseException:
-        finish_run_task(tracking_uri, run_id, "FAILED")
+        with contextlib.suppress(Exception):  # the body's error is the one to report, not a failing store's
+            finish_run_task(tracking_uri, run_id, "FAILED")
         raise
     finish_run_task(tracking_uri, run_id)
 
@@ -178,7 +192,8 @@ def dataset_input(frame, *, name: str, source: str, target: str, digest: str, co
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's hint about integer columns: integer pixels are intended
         # files (a path or a glob) are a local source; sklearn:/synthetic:/torchvision: are made by code
-        where = source.removeprefix("file:") if source.startswith("file:") else CodeDatasetSource({"source": source})
+        local = str(Path(source.removeprefix("file:")).absolute())  # readable from another machine's UI
+        where = local if source.startswith("file:") else CodeDatasetSource({"source": source})
         dataset = from_pandas(frame, source=where, targets=target, name=name, digest=digest[:16])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 

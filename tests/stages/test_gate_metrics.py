@@ -134,3 +134,31 @@ def test_the_same_model_scores_the_same_as_challenger_and_as_champion(store: str
     assert not d.promote  # a tie keeps the champion
     tags = client.get_model_version("same", "2").tags
     assert tags["gate_champion_value"] == tags["gate_challenger_value"]
+
+
+@pytest.mark.parametrize("metric", ["test_r2", "test_mse"])
+def test_a_regression_model_compared_with_itself_ties(store: str, tmp_path, metric: str) -> None:
+    """The challenger's value (evaluate) and the champion's (the gate, on the raw rows) are computed on the
+    same float64 targets: an identical model neither gains nor loses, not even by float32 rounding."""
+    import torch
+
+    from torchcycle.config import config_from_dict
+    from torchcycle.tasks.features import build_features
+    from torchcycle.tasks.ingest import ingest
+    from torchcycle.tasks.preprocess import preprocess
+    from torchcycle.tasks.train import train
+
+    cfg = config_from_dict(
+        {"name": "reg", "data": {"source": "sklearn:diabetes"}, "model": {"kind": "linear"}, "train": {"epochs": 2}}
+    )
+    prepared = build_features(preprocess(ingest(cfg.data), cfg.data, cfg.seed), cfg.features)
+    trained = train(prepared, cfg.model, cfg.train, seed=cfg.seed, device=torch.device("cpu"), progress=False)
+    challenger = evaluate(trained, prepared).metrics[metric]
+    client = MlflowClient(store)
+    for _ in range(2):
+        test_gate._register(store, (prepared, trained), tmp_path, "reg")
+    for version in ("1", "2"):
+        args = (version, metric, challenger, 0.0, prepared.test_frame, "target", f"flow-{version}")
+        d = decide_and_record(client, store, "reg", *args)
+    assert d.champion_version == "1" and d.champion == d.challenger, (d.champion, d.challenger)
+    assert not d.promote and "gain +0.0000" in d.reason

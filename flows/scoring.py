@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -11,17 +14,55 @@ from prefect.artifacts import create_markdown_artifact
 from torchcycle.registry import ModelRef
 from torchcycle.tables import DEFAULT_BATCH_ROWS, find_inputs
 from torchcycle.tasks.score import (
+    DEFAULT_UNIT_ROWS,
     ScoreResult,
     check_output,
+    commit_outputs_task,
     load_model_task,
     log_scoring_task,
+    pending_units,
+    remove_stale_parts,
     resolve_model_task,
     score_task,
+    score_unit_task,
+    staging_dir,
     summary_markdown,
 )
 from torchcycle.tracking import flow_run_id, resolve_tracking_uri, tracked_run, use_tracking_uri
 
 SCORING_EXPERIMENT = "scoring"
+DASK_CONNECT_TIMEOUT_S = 15  # a scheduler that does not answer by then is down (exit 3)
+
+
+def dask_runner(workers: int = 0, address: str | None = None) -> Any:
+    """The Dask task runner for `workers` local worker processes or the scheduler at `address`; None: none
+    (everything in this process). One thread per worker: torch already uses the cores it is given."""
+    if not workers and not address:
+        return None
+    import logging
+
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address, client_kwargs={"timeout": DASK_CONNECT_TIMEOUT_S})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            # Workers log a failed heartbeat as an ERROR with a traceback when the cluster closes; the units'
+            # own errors come back through their futures.
+            "silence_logs": logging.CRITICAL,
+        }
+    )
+
+
+def score_files(model: str, input: str, output: str, workers: int = 0, dask: str | None = None, **kw: Any) -> Any:
+    """scoring_flow in this process, or on Dask (`workers` local processes, or the scheduler at `dask`)."""
+    runner = dask_runner(workers, dask)
+    run = scoring_flow if runner is None else scoring_flow.with_options(task_runner=runner)
+    return run(model, input, output, distributed=runner is not None, **kw)
 
 
 @flow(name="scoring")
@@ -33,17 +74,22 @@ def scoring_flow(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     tracking_uri: str | None = None,
     experiment: str = SCORING_EXPERIMENT,
+    distributed: bool = False,
+    unit_rows: int = DEFAULT_UNIT_ROWS,
 ) -> ScoreResult:
     """Score a file, directory or glob of CSV/Parquet with `model` (NAME, NAME@alias, NAME/version).
 
     `output` ending in .parquet is one file for all inputs; anything else is a directory with one
-    file per input and model version, and inputs already scored by that version are skipped."""
+    file per input and model version, and inputs already scored by that version are skipped.
+    `distributed`: work units (files, and row groups of big Parquet files) mapped over the flow's task
+    runner (Dask: see score_files), each into a part; outputs committed when all their units succeeded."""
     uri = resolve_tracking_uri(tracking_uri)
     use_tracking_uri(uri)
     ref = ModelRef.parse(model)
     inputs = find_inputs(input)
     resolved = resolve_model_task(uri, ref)
     check_output(input, inputs, Path(output), resolved)  # before a byte is read or an MLflow run exists
+    # Loaded here too when distributed: a model that cannot load fails before any worker is busy.
     loaded = load_model_task(uri, resolved)
     params = {
         "model_ref": str(ref),
@@ -56,7 +102,10 @@ def scoring_flow(
     }
     tags = {"prefect.flow_run_id": flow_run_id(), "model_run_id": resolved.run_id, "torchcycle.kind": "scoring"}
     with tracked_run(uri, experiment, f"score-{resolved.name}-v{resolved.version}", params, tags) as run_id:
-        result = score_task(loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows)
+        if distributed:
+            result = _score_units(uri, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows, unit_rows)
+        else:
+            result = score_task(loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows)
         log_scoring_task(uri, run_id, result)
     result = replace(result, scoring_run_id=run_id)
     create_markdown_artifact(
@@ -65,3 +114,22 @@ def scoring_flow(
         description=f"{resolved.name} v{resolved.version}: {result.rows} rows",
     )
     return result
+
+
+def _score_units(
+    uri: str, model: Any, inputs: list[Path], output: Path, id_cols: tuple[str, ...], batch_rows: int, unit_rows: int
+) -> ScoreResult:
+    """Map score_unit_task over the work units (on the flow's task runner), then commit what is whole."""
+    start = time.perf_counter()
+    units, skipped = pending_units(inputs, output, model, unit_rows)
+    staging = staging_dir(output)
+    remove_stale_parts(output)
+    try:
+        futures = [
+            score_unit_task.submit(uri, model, u, str(staging / f"{u.index:06d}.parquet"), id_cols, batch_rows)
+            for u in units
+        ]
+        outcomes = [(u, f.result(raise_on_failure=False)) for u, f in zip(units, futures, strict=True)]
+        return commit_outputs_task(model, inputs, outcomes, skipped, output, time.perf_counter() - start)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

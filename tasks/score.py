@@ -7,7 +7,9 @@ is torchcycle.tables; model references are torchcycle.registry."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from torchcycle.atomic import check_writable_target
+from torchcycle.atomic import check_writable_target, remove_stale_temps, storage_error, temp_path
 from torchcycle.errors import DataError, StorageError
 from torchcycle.registry import ModelRef, ResolvedModel, resolve_model
 from torchcycle.runtime.types import LINEAGE_COLUMNS
@@ -32,6 +34,7 @@ from torchcycle.tables import (
     file_digest,
     find_inputs,
     open_batches,
+    row_group_sizes,
     write_frame,
 )
 
@@ -49,10 +52,12 @@ def score_batch(
     passthrough: list[str],
     model: ResolvedModel,
     offset: int = 0,
+    observe: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None,
 ) -> pa.RecordBatch:
     """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order.
 
-    `offset`: the batch's first data row in its file, so validation errors name file rows."""
+    `offset`: the batch's first data row in its file, so validation errors name file rows. `observe`: called
+    with (model inputs, model outputs) of every scored batch (drift counting); it must not change them."""
     features = pa.Table.from_batches([batch.select(list(expected))])
     for i, (col, kind) in enumerate(expected.items()):
         if kind == "number":  # ints and floats alike: the feature pipeline works in floats
@@ -62,6 +67,8 @@ def score_batch(
     result = predict(frame)
     if len(result) != batch.num_rows:
         raise RuntimeError(f"model returned {len(result)} rows for {batch.num_rows}")
+    if observe is not None:
+        observe(frame, result)
     out = pa.Table.from_pandas(result, preserve_index=False)
     arrays = [batch.column(c) for c in passthrough] + [c.combine_chunks() for c in out.columns]
     arrays += [_constant(v, batch.num_rows) for v in (model.name, model.version, model.run_id)]
@@ -173,6 +180,7 @@ class Scorer:
     batch_rows: int = DEFAULT_BATCH_ROWS
     progress: bool = True
     outputs: tuple[str, ...] = ()  # the model's output columns, when known: checked against input names
+    observe: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None  # sees every scored batch (drift)
 
     def __post_init__(self) -> None:
         self.id_cols = tuple(dict.fromkeys(self.id_cols))  # `--id-col a --id-col a` is one column
@@ -216,15 +224,28 @@ class Scorer:
             rows = self._score_rows(path, write)
             return FileResult(str(path), str(target), rows, digest.result())
 
-    def _score_rows(self, path: Path, write: Callable[[pa.RecordBatch], None]) -> int:
+    def score_unit(self, unit: WorkUnit, part: Path) -> UnitResult:
+        """Score one work unit into its own part file, written atomically (a retry rewrites the same part)."""
+        path = Path(unit.input)
+        with atomic_parquet(part) as write:
+            rows = self._score_rows(path, write, unit.row_groups, unit.first_row)
+        return UnitResult(unit, str(part), rows, file_digest(path) if unit.first_row == 0 else "")
+
+    def _score_rows(
+        self,
+        path: Path,
+        write: Callable[[pa.RecordBatch], None],
+        row_groups: tuple[int, ...] | None = None,
+        first_row: int = 0,
+    ) -> int:
         """With `progress`: a bar on a terminal; elsewhere (worker logs, CI) one plain line per scored file,
-        so logs get no carriage-return redraws."""
+        so logs get no carriage-return redraws. `row_groups`/`first_row`: a work unit of a Parquet file."""
         from tqdm.auto import tqdm
 
         start, rows = time.perf_counter(), 0
         isatty = getattr(sys.stderr, "isatty", None)
         bar_on = self.progress and bool(isatty and isatty())
-        with open_batches(path, self.expected, self.batch_rows) as (schema, batches, total):
+        with open_batches(path, self.expected, self.batch_rows, row_groups) as (schema, batches, total):
             check_schema(schema, self.expected, str(path), self.outputs)
             missing_ids = [c for c in self.id_cols if c not in schema.names]
             if missing_ids:
@@ -238,17 +259,180 @@ class Scorer:
                 for batch in batches:
                     if batch.num_rows:
                         try:
-                            write(score_batch(batch, self.predict, self.expected, passthrough, self.model, rows))
+                            scored = score_batch(
+                                batch,
+                                self.predict,
+                                self.expected,
+                                passthrough,
+                                self.model,
+                                first_row + rows,
+                                self.observe,
+                            )
+                            write(scored)
                         except DataError as err:  # the model's contract refused values: say which file
                             raise DataError(f"{path}: {str(err).removeprefix('input: ')}") from None
                     rows += batch.num_rows
                     bar.update(batch.num_rows)
-        if rows == 0:
+        if rows == 0 and row_groups is None:
             raise DataError(f"{path} has no data rows")
         if self.progress and not bar_on:
             seconds = time.perf_counter() - start
-            print(f"scored {path.name}: {rows} rows in {seconds:.2f} s", file=sys.stderr, flush=True)
+            span = "" if row_groups is None else f" (rows {first_row}-{first_row + rows - 1})"
+            print(f"scored {path.name}{span}: {rows} rows in {seconds:.2f} s", file=sys.stderr, flush=True)
         return rows
+
+
+# ---- distributed scoring: work units, parts, commit ----------------------------------------------
+DEFAULT_UNIT_ROWS = 1_048_576  # a Parquet file with more rows is split into units of about this many
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A piece of one input scored on its own: the whole file, or consecutive row groups of a Parquet file."""
+
+    input: str
+    target: str  # the output file this unit's part is committed into
+    index: int  # position in the run's unit list: input order, then file order
+    row_groups: tuple[int, ...] | None = None  # None: the whole file
+    first_row: int = 0  # the unit's first row in its file (errors name file rows; 0 also hashes the file)
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit: WorkUnit
+    part: str  # the part file written
+    rows: int
+    digest: str  # the input file's SHA-256 (computed by its first unit; "" for the others)
+    counts: Any = None  # the unit's drift counts (JSON-able), merged by the flow
+
+
+def row_group_spans(sizes: list[int], unit_rows: int) -> list[tuple[tuple[int, ...], int]]:
+    """Consecutive row groups packed into units of at most `unit_rows` rows (a larger group is a unit of its
+    own): [(groups, first row)]."""
+    spans: list[tuple[tuple[int, ...], int]] = []
+    groups: list[int] = []
+    first = rows = 0
+    for i, n in enumerate(sizes):
+        if groups and rows + n > unit_rows:
+            spans.append((tuple(groups), first))
+            first, groups, rows = first + rows, [], 0
+        groups.append(i)
+        rows += n
+    if groups:
+        spans.append((tuple(groups), first))
+    return spans
+
+
+def plan_units(pairs: list[tuple[Path, Path]], unit_rows: int) -> list[WorkUnit]:
+    """(input, output file) pairs -> work units in input order. A Parquet file of more than `unit_rows`
+    rows is split by row groups; a CSV file (no cheap split points) or a file whose footer cannot be read
+    (its unit then fails with the reader's error, naming the file) is one unit."""
+    units: list[WorkUnit] = []
+    for src, target in pairs:
+        sizes: list[int] = []
+        if src.suffix.lower() != ".csv":
+            try:
+                sizes = row_group_sizes(src)
+            except DataError:
+                sizes = []
+        if sum(sizes) <= unit_rows or len(sizes) < 2:
+            units.append(WorkUnit(str(src), str(target), len(units)))
+            continue
+        for groups, first in row_group_spans(sizes, unit_rows):
+            units.append(WorkUnit(str(src), str(target), len(units), groups, first))
+    return units
+
+
+def pending_units(
+    inputs: list[Path], output: Path, model: ResolvedModel, unit_rows: int
+) -> tuple[list[WorkUnit], list[FileResult]]:
+    """The work units still to score, and the inputs skipped because this version already scored them
+    (directory output: their file exists)."""
+    pairs = output_targets(inputs, output, model)
+    done = output_is_directory(output)
+    skipped = [FileResult(str(a), str(b), 0, file_digest(a), skipped=True) for a, b in pairs if done and b.exists()]
+    todo = [(a, b) for a, b in pairs if not (done and b.exists())]
+    return plan_units(todo, unit_rows), skipped
+
+
+def _staging_anchor(output: Path) -> Path:
+    return output / "parts" if output_is_directory(output) else output
+
+
+def remove_stale_parts(output: Path) -> None:
+    """Directories of parts left by killed runs into `output` on this host."""
+    remove_stale_temps(_staging_anchor(output))
+
+
+def staging_dir(output: Path) -> Path:
+    """Where the parts of one run wait for their commit: a hidden directory of this writer's own beside the
+    output file (or inside the output directory), on the same file system, so a part moves in by rename.
+    Named like torchcycle.atomic's temps, so a killed run's leftovers are removed by the next run."""
+    return temp_path(_staging_anchor(output))
+
+
+def commit_parts(target: Path, parts: list[Path]) -> None:
+    """Make `target` out of its parts, in order, atomically: one part is renamed into place; several are
+    streamed into one file (Parquet cannot be concatenated without rewriting)."""
+    import pyarrow.parquet as pq
+
+    if len(parts) == 1:
+        check_writable_target(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(parts[0], target)
+        except OSError as err:
+            raise storage_error(err, target) from None
+        return
+    with atomic_parquet(target) as write:
+        for part in parts:
+            with pq.ParquetFile(part, pre_buffer=False) as pf:
+                for batch in pf.iter_batches(batch_size=DEFAULT_BATCH_ROWS):
+                    write(batch)
+
+
+def commit_outputs(
+    model: ResolvedModel,
+    inputs: list[Path],
+    outcomes: list[tuple[WorkUnit, UnitResult | BaseException]],
+    skipped: list[FileResult],
+    output: Path,
+    seconds: float,
+) -> ScoreResult:
+    """Commit every output whose units all succeeded; the rest are refused as Scorer.score refuses them.
+
+    One .parquet output: all or nothing. A directory: each input's file is committed on its own, and one
+    refused file does not hold up the others. Anything but bad data (a storage error, a lost worker after
+    its retries) stops the run with nothing more committed."""
+    by_target: dict[str, list[tuple[WorkUnit, UnitResult | BaseException]]] = {}
+    for unit, outcome in sorted(outcomes, key=lambda o: o[0].index):
+        by_target.setdefault(unit.target, []).append((unit, outcome))
+    for _, outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, DataError):
+            raise outcome
+    files: list[FileResult] = list(skipped)
+    refused: list[str] = []
+    for target, group in by_target.items():
+        errors = list(dict.fromkeys(str(o) for _, o in group if isinstance(o, BaseException)))
+        if errors:
+            refused += errors
+            continue
+        results = [o for _, o in group if isinstance(o, UnitResult)]
+        commit_parts(Path(target), [Path(r.part) for r in results])
+        for name in dict.fromkeys(r.unit.input for r in results):  # per input, in input order
+            mine = [r for r in results if r.unit.input == name]
+            files.append(FileResult(name, target, sum(r.rows for r in mine), next(r.digest for r in mine if r.digest)))
+    if refused and not output_is_directory(output):
+        raise DataError("; ".join(refused))
+    if refused:
+        scored = sum(not f.skipped for f in files)
+        raise DataError(
+            f"{len(refused)} of {len(inputs)} file(s) refused ({scored} scored, their outputs "
+            "are written): " + "; ".join(refused)
+        )
+    order = {str(p): i for i, p in enumerate(inputs)}
+    files.sort(key=lambda f: order.get(f.input, len(order)))
+    return ScoreResult(model, tuple(files), seconds, str(output))
 
 
 def summary_markdown(result: ScoreResult) -> str:
@@ -388,3 +572,49 @@ def log_scoring_task(tracking_uri: str, run_id: str, result: ScoreResult) -> Non
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
     client.set_tag(run_id, "input_digest", result.input_digest)
     client.log_text(run_id, summary_markdown(result), "scoring_summary.md")
+
+
+# A Dask worker keeps the models it loaded (one load per worker and model version, not one per unit).
+_WORKER_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+_WORKER_LOCK = threading.Lock()
+_WORKER_KEEP = 4  # models kept per worker process
+
+
+def worker_model(tracking_uri: str, model: ResolvedModel) -> LoadedModel:
+    """The registered version, loaded once per process and kept (a worker scores many units with it)."""
+    key = (tracking_uri, model.name, str(model.version))
+    with _WORKER_LOCK:  # threads of one worker: one load
+        if key not in _WORKER_MODELS:
+            if len(_WORKER_MODELS) >= _WORKER_KEEP:
+                _WORKER_MODELS.pop(next(iter(_WORKER_MODELS)))
+            _WORKER_MODELS[key] = loaded_model(load_registered(tracking_uri, model.name, model.version))
+        return _WORKER_MODELS[key]
+
+
+@task(name="score-unit", **io_task_options())
+def score_unit_task(
+    tracking_uri: str,
+    model: ResolvedModel,
+    unit: WorkUnit,
+    part: str,
+    id_cols: tuple[str, ...] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> UnitResult:
+    """One work unit on whichever (Dask) worker runs it. Safe to retry: it rewrites its own part atomically."""
+    loaded = worker_model(tracking_uri, model)
+    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows, outputs=loaded.outputs)
+    return scorer.score_unit(unit, Path(part))
+
+
+@task(name="commit-outputs", **io_task_options())
+def commit_outputs_task(
+    model: ResolvedModel,
+    inputs: list[Path],
+    outcomes: list[tuple[WorkUnit, Any]],
+    skipped: list[FileResult],
+    output: Path,
+    seconds: float,
+) -> ScoreResult:
+    result = commit_outputs(model, inputs, outcomes, skipped, output, seconds)
+    get_run_logger().info("scored %d rows with %s v%s -> %s", result.rows, model.name, model.version, output)
+    return result

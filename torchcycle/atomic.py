@@ -48,11 +48,16 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: Path) -> None:
-    """Remove temps of `path` left by writers on this host whose process has ended (killed, crashed)."""
+    """Remove temps of `path` (files, or a distributed run's directory of parts) left by writers on this host
+    whose process has ended (killed, crashed)."""
+    import shutil
+
     prefix = _prefix(path)
     for temp in path.parent.glob(f"{glob.escape(prefix)}*.partial"):
         pid = temp.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
+            if temp.is_dir() and not temp.is_symlink():
+                shutil.rmtree(temp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 temp.unlink()
 

@@ -112,3 +112,38 @@ def _stop_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@contextlib.contextmanager
+def shared_temporary_api() -> Iterator[str]:
+    """Prefect's temporary API (what a flow without PREFECT_API_URL uses), started here and named in this
+    process's environment, so the worker processes of a local Dask cluster report to this one. Without it
+    each worker would start a temporary API of its own (seconds each) and its task runs would land there."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url  # the workers are spawned from this environment
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        _drain_to(server)
+        server.stop()
+
+
+def _drain_to(server: object) -> None:
+    """Send the logs and events still queued for `server` before it stops: queued for a server that is gone,
+    they would be retried at exit for over a minute and end in 'Error logging to API'."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            service.drain_all(timeout=10)

@@ -11,10 +11,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from torchcycle.registry import ModelRef
+from torchcycle.registry import ModelRef, ResolvedModel
+from torchcycle.runtime.drift import DriftCounts, drift_report
 from torchcycle.tables import DEFAULT_BATCH_ROWS, find_inputs
+from torchcycle.tasks.drift import record_drift_task
 from torchcycle.tasks.score import (
     DEFAULT_UNIT_ROWS,
+    LoadedModel,
     ScoreResult,
     check_output,
     commit_outputs_task,
@@ -103,10 +106,16 @@ def scoring_flow(
     tags = {"prefect.flow_run_id": flow_run_id(), "model_run_id": resolved.run_id, "torchcycle.kind": "scoring"}
     with tracked_run(uri, experiment, f"score-{resolved.name}-v{resolved.version}", params, tags) as run_id:
         if distributed:
-            result = _score_units(uri, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows, unit_rows)
+            result = _score_units(uri, loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows,
+                                  unit_rows)  # fmt: skip
         else:
             result = score_task(loaded, resolved, inputs, Path(output), tuple(id_cols or ()), batch_rows)
         log_scoring_task(uri, run_id, result)
+        if loaded.reference is not None and result.drift_counts is not None and result.rows:
+            counts = DriftCounts.from_dict(result.drift_counts, loaded.reference)
+            report = drift_report(loaded.reference, counts)
+            record_drift_task(uri, run_id, resolved.name, resolved.version, report, loaded.reference, counts)
+            result = replace(result, drift=report)
     result = replace(result, scoring_run_id=run_id)
     create_markdown_artifact(
         markdown=summary_markdown(result) + f"\nMLflow run `{run_id}`\n",
@@ -117,7 +126,14 @@ def scoring_flow(
 
 
 def _score_units(
-    uri: str, model: Any, inputs: list[Path], output: Path, id_cols: tuple[str, ...], batch_rows: int, unit_rows: int
+    uri: str,
+    loaded: LoadedModel,
+    model: ResolvedModel,
+    inputs: list[Path],
+    output: Path,
+    id_cols: tuple[str, ...],
+    batch_rows: int,
+    unit_rows: int,
 ) -> ScoreResult:
     """Map score_unit_task over the work units (on the flow's task runner), then commit what is whole."""
     start = time.perf_counter()
@@ -130,6 +146,7 @@ def _score_units(
             for u in units
         ]
         outcomes = [(u, f.result(raise_on_failure=False)) for u, f in zip(units, futures, strict=True)]
-        return commit_outputs_task(model, inputs, outcomes, skipped, output, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return commit_outputs_task(model, inputs, outcomes, skipped, output, seconds, loaded.reference)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -119,7 +119,7 @@ def _tracked(
     world = distributed()[1]
     key = stage_keys(config.config_hash(), raw.digest, world, enabled=cache)
     splits = cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed)
-    prepared = cached(features_task, key("features"))(splits, config.features)
+    prepared = cached(features_task, key("features"))(splits, config.features, config.drift)
     log_datasets_task(uri, run_id, splits.named(), name=config.name, source=config.data.source, target=raw.target)
     if holdout:
         write_frame_task(prepared.test_frame, Path(holdout))

@@ -10,9 +10,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from torchcycle.config import FeaturesConfig
+from torchcycle.config import DriftConfig, FeaturesConfig
 from torchcycle.runtime.bundle import FeaturePipeline
 from torchcycle.runtime.contract import infer_contract
+from torchcycle.runtime.drift import ReferenceProfile
 from torchcycle.tasks.preprocess import Splits
 
 
@@ -47,7 +48,9 @@ def _sorted_labels(values: pd.Series) -> list[Any]:
         return sorted(uniq.tolist(), key=str)
 
 
-def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
+def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | None = None) -> Prepared:
+    """Fit the pipeline on the train split and transform every split. The pipeline carries the drift reference
+    of the train split's raw features (its predictions are added when the bundle is written)."""
     classes = None
     if splits.task == "classification":
         classes = _sorted_labels(
@@ -57,6 +60,10 @@ def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
     # The contract describes the whole training data set (categories or nulls may first appear in a
     # held-out split); only the fitted statistics above come from the train split alone.
     pipe.contract = infer_contract(pd.concat([splits.train, splits.val, splits.test]).drop(columns=[splits.target]))
+    drift = drift or DriftConfig()
+    pipe.reference = ReferenceProfile.from_frame(
+        splits.train.drop(columns=[splits.target]), drift.bins, warn=drift.warn, threshold=drift.threshold
+    )
 
     def xy(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         return pipe.transform(frame), pipe.encode_target(frame[splits.target])
@@ -66,5 +73,5 @@ def build_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
 
 
 @task(name="features", cache_policy=NO_CACHE)
-def features_task(splits: Splits, cfg: FeaturesConfig) -> Prepared:
-    return build_features(splits, cfg)
+def features_task(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | None = None) -> Prepared:
+    return build_features(splits, cfg, drift)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from prefect import get_run_logger, task
 
 from torchcycle.cache import code_version
 from torchcycle.model_code import ENTRY, model_code, stage_code
+from torchcycle.models.inference import predict as torch_predict
 from torchcycle.retry import io_task_options
-from torchcycle.runtime.bundle import load_bundle, save_bundle
+from torchcycle.runtime.bundle import FeaturePipeline, load_bundle, save_bundle
+from torchcycle.runtime.drift import ReferenceProfile
 from torchcycle.tasks.features import Prepared
 from torchcycle.tasks.train import TrainedModel
 from torchcycle.tracking import require_tracking_uri
@@ -33,14 +38,37 @@ class RegisteredVersion:
 
 
 def write_bundle(trained: TrainedModel, prepared: Prepared, target: str, directory: Path) -> Path:
+    """The bundle of `trained`; its drift reference gains the model's predictions on the train split."""
+    pipeline = prepared.pipeline
+    if pipeline.reference is not None:
+        reference = prediction_reference(pipeline.reference, trained, prepared.x_train, pipeline)
+        pipeline = dataclasses.replace(pipeline, reference=reference)  # a copy: the stage's output stays as it was
     return save_bundle(
         directory,
         kind=trained.kind,
         model_config=trained.config,
         state_dict=trained.state_dict,
-        pipeline=prepared.pipeline,
+        pipeline=pipeline,
         target=target,
     )
+
+
+def train_predictions(trained: TrainedModel, x: np.ndarray, pipeline: FeaturePipeline) -> np.ndarray:
+    """(N,) what the model predicts for prepared inputs `x` (N, F), decoded as the Predictor does: class labels
+    (object array) or values in target units. In batches on the CPU."""
+    out = torch_predict(trained.build(), torch.from_numpy(x), torch.device("cpu"))  # (N, C) logits or (N, 1)
+    if pipeline.task == "regression":
+        return pipeline.decode_target(out[:, 0].numpy()) if len(out) else np.empty(0)
+    classes = np.asarray(pipeline.classes, dtype=object)
+    return classes[out.argmax(1).numpy()] if len(out) else classes[:0]
+
+
+def prediction_reference(
+    reference: ReferenceProfile, trained: TrainedModel, x_train: np.ndarray, pipeline: FeaturePipeline
+) -> ReferenceProfile:
+    """`reference` with the distribution of the model's predictions on its own train split."""
+    values = train_predictions(trained, x_train, pipeline)
+    return reference.with_predictions(values, pipeline.task, classes=pipeline.classes)
 
 
 def input_example(prepared: Prepared, target: str, rows: int = 5) -> pd.DataFrame:

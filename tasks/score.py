@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 from torchcycle.atomic import check_writable_target, remove_stale_temps, storage_error, temp_path
 from torchcycle.errors import DataError, StorageError
 from torchcycle.registry import ModelRef, ResolvedModel, resolve_model
+from torchcycle.runtime.drift import DriftCounts, ReferenceProfile
 from torchcycle.runtime.types import LINEAGE_COLUMNS
 from torchcycle.tables import (
     DEFAULT_BATCH_ROWS,
@@ -95,6 +96,8 @@ class ScoreResult:
     seconds: float
     output: str
     scoring_run_id: str = ""  # the MLflow run that recorded this scoring
+    drift_counts: dict[str, Any] | None = None  # DriftCounts.to_dict() of the scored rows (None: no reference)
+    drift: Any = None  # the DriftReport judged from them (set by the flow)
 
     @property
     def rows(self) -> int:
@@ -398,6 +401,7 @@ def commit_outputs(
     skipped: list[FileResult],
     output: Path,
     seconds: float,
+    reference: ReferenceProfile | None = None,
 ) -> ScoreResult:
     """Commit every output whose units all succeeded; the rest are refused as Scorer.score refuses them.
 
@@ -412,6 +416,7 @@ def commit_outputs(
             raise outcome
     files: list[FileResult] = list(skipped)
     refused: list[str] = []
+    counts = DriftCounts.empty(reference) if reference is not None else None
     for target, group in by_target.items():
         errors = list(dict.fromkeys(str(o) for _, o in group if isinstance(o, BaseException)))
         if errors:
@@ -419,6 +424,9 @@ def commit_outputs(
             continue
         results = [o for _, o in group if isinstance(o, UnitResult)]
         commit_parts(Path(target), [Path(r.part) for r in results])
+        for r in results:  # drift of what was committed, as the rows are (units' counts add up exactly)
+            if counts is not None and r.counts is not None:
+                counts = counts.merge(DriftCounts.from_dict(r.counts, reference))
         for name in dict.fromkeys(r.unit.input for r in results):  # per input, in input order
             mine = [r for r in results if r.unit.input == name]
             files.append(FileResult(name, target, sum(r.rows for r in mine), next(r.digest for r in mine if r.digest)))
@@ -432,7 +440,8 @@ def commit_outputs(
         )
     order = {str(p): i for i, p in enumerate(inputs)}
     files.sort(key=lambda f: order.get(f.input, len(order)))
-    return ScoreResult(model, tuple(files), seconds, str(output))
+    drift = counts.to_dict() if counts is not None else None
+    return ScoreResult(model, tuple(files), seconds, str(output), drift_counts=drift)
 
 
 def summary_markdown(result: ScoreResult) -> str:
@@ -440,6 +449,13 @@ def summary_markdown(result: ScoreResult) -> str:
         f"| {Path(f.input).name} | {f.output} | {'skipped (exists)' if f.skipped else f.rows} |" for f in result.files
     )
     rate = result.rows / result.seconds if result.seconds > 0 else 0.0
+    drift = result.drift
+    if drift is not None and drift.judged:
+        lines += (
+            f"\n\nDrift: **{drift.status}** (max PSI {drift.max_psi:.3f}"
+            + (f", drifted: {', '.join(list(drift.drifted)[:10])}" if drift.drifted else "")
+            + ")"
+        )
     return (
         f"# Scored with {result.model.name} v{result.model.version}\n\n"
         f"{result.rows} rows in {result.seconds:.2f} s ({rate:,.0f} rows/s) · run `{result.model.run_id}` · "
@@ -497,6 +513,18 @@ class LoadedModel:
     predict: Callable[[Any], Any]
     expected: dict[str, str]
     outputs: tuple[str, ...] = ()  # prediction (+ proba_<class>) when the model says so
+    reference: ReferenceProfile | None = None  # the training data's drift reference (None: an older model)
+
+    def drift_counts(self) -> DriftCounts | None:
+        return DriftCounts.empty(self.reference) if self.reference is not None else None
+
+    def scorer(self, model: ResolvedModel, id_cols: tuple[str, ...], batch_rows: int) -> tuple[Scorer, Any]:
+        """A Scorer of this model that counts drift as it scores, and the counts it fills (or None)."""
+        counts = self.drift_counts()
+        observe = counts.update if counts is not None else None
+        return Scorer(
+            self.predict, self.expected, model, id_cols, batch_rows, outputs=self.outputs, observe=observe
+        ), counts
 
 
 @task(name="load-model", **io_task_options())
@@ -515,7 +543,8 @@ def loaded_model(pyfunc: Any) -> LoadedModel:
     predictor = getattr(inner, "predictor", None)
     if predictor is None or not type(predictor).__module__.startswith("torchcycle.runtime."):
         return LoadedModel(_refusals_as_data_errors(pyfunc.predict), expected)
-    return LoadedModel(predictor.predict, expected, tuple(predictor.output_columns))
+    reference = getattr(predictor.pipeline, "reference", None)
+    return LoadedModel(predictor.predict, expected, tuple(predictor.output_columns), reference)
 
 
 def _refusals_as_data_errors(predict: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -543,8 +572,10 @@ def score_task(
     id_cols: tuple[str, ...] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ScoreResult:
-    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows, outputs=loaded.outputs)
+    scorer, counts = loaded.scorer(model, id_cols, batch_rows)
     result = scorer.score(inputs, output)
+    if counts is not None:
+        result = replace(result, drift_counts=counts.to_dict())
     get_run_logger().info("scored %d rows with %s v%s -> %s", result.rows, model.name, model.version, output)
     return result
 
@@ -601,9 +632,9 @@ def score_unit_task(
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> UnitResult:
     """One work unit on whichever (Dask) worker runs it. Safe to retry: it rewrites its own part atomically."""
-    loaded = worker_model(tracking_uri, model)
-    scorer = Scorer(loaded.predict, loaded.expected, model, id_cols, batch_rows, outputs=loaded.outputs)
-    return scorer.score_unit(unit, Path(part))
+    scorer, counts = worker_model(tracking_uri, model).scorer(model, id_cols, batch_rows)
+    result = scorer.score_unit(unit, Path(part))
+    return replace(result, counts=counts.to_dict()) if counts is not None else result
 
 
 @task(name="commit-outputs", **io_task_options())
@@ -614,7 +645,8 @@ def commit_outputs_task(
     skipped: list[FileResult],
     output: Path,
     seconds: float,
+    reference: ReferenceProfile | None = None,
 ) -> ScoreResult:
-    result = commit_outputs(model, inputs, outcomes, skipped, output, seconds)
+    result = commit_outputs(model, inputs, outcomes, skipped, output, seconds, reference)
     get_run_logger().info("scored %d rows with %s v%s -> %s", result.rows, model.name, model.version, output)
     return result

@@ -307,6 +307,25 @@ class GateConfig(_Strict):
         return v
 
 
+class DriftConfig(_Strict):
+    """Drift monitoring at scoring time. The thresholds travel inside the model bundle's reference profile,
+    so a version is judged by the thresholds it was trained with; part of the config hash (it changes the
+    bundle)."""
+
+    bins: int = Field(10, ge=2, le=100)  # quantile bins per numeric column (fewer where values repeat)
+    warn: float = Field(0.1, gt=0)  # population stability index (PSI) from which a column is "warn"
+    threshold: float = Field(0.25, gt=0)  # PSI from which a column has drifted (and an event is emitted)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftConfig:
+        if self.warn >= self.threshold:
+            raise _problems(
+                "DriftConfig",
+                [(("warn",), f"must be below drift.threshold ({self.threshold:g}), got {self.warn:g}")],
+            )
+        return self
+
+
 # ---- schedules of the retrain/score deployments ------------------------------------------------------
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$", re.ASCII)  # ASCII: no other scripts' digits
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -409,6 +428,7 @@ class ExperimentConfig(_Strict):
     model: ModelSpec
     train: TrainSection = TrainSection()
     gate: GateConfig = GateConfig()
+    drift: DriftConfig = DriftConfig()
     deployment: DeploymentSection = DeploymentSection()  # when it runs, not what it trains: outside the hash
 
     @model_validator(mode="after")

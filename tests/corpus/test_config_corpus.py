@@ -176,6 +176,15 @@ CORPUS: list[tuple[str, str, list[str], str | tuple[str, ...]]] = [
         "--set model.hidden: the value expands to more than 100000 values",
     ),
     ("deep-set", BASE, ["data.limit=" + "[" * 50 + "]" * 50], "--set data.limit: the value nests deeper than 32"),
+    # -- drift monitoring thresholds -------------------------------------------------------------------
+    ("drift-bins-one", BASE, ["drift.bins=1"], "drift.bins: Input should be greater than or equal to 2 (got 1)"),
+    ("drift-threshold-inf", BASE, ["drift.threshold=.inf"], "drift.threshold: Input should be a finite number"),
+    (
+        "drift-warn-above-threshold",
+        _config(drift="{warn: 0.3, threshold: 0.2}"),
+        [],
+        "drift.warn: must be below drift.threshold (0.2), got 0.3",
+    ),
     # -- every problem at once, each under its dotted key ----------------------------------------------
     (
         "all-at-once",
@@ -262,6 +271,7 @@ EDGES: list[tuple[str, str, list[str]]] = [
     ),
     ("file-task-unknown", FILE_SOURCE, ["model.kind=linear", "gate.metric=test_r2"]),  # checked after ingest
     ("mse-gate-on-regression", BASE, ["data.source=sklearn:diabetes", "model.kind=linear", "gate.metric=test_mse"]),
+    ("drift-bounds", BASE, ["drift.bins=100", "drift.warn=0.001", "drift.threshold=50"]),
 ]
 
 
@@ -340,6 +350,8 @@ FLOAT_KEYS = [
     ("data", "test_size"),
     ("data", "val_size"),
     ("model", "dropout"),
+    ("drift", "warn"),
+    ("drift", "threshold"),
 ]
 
 

@@ -386,3 +386,27 @@ def test_plan_scoring_says_why_there_is_nothing_to_do(tmp_path: Path) -> None:
     (incoming / "x.json").write_text("{}")
     with pytest.raises(DataError, match="unsupported input file type"):  # a real problem still fails
         plan_scoring(_Registry("1"), ref, str(incoming / "*"), out)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_scoring_records_drift_and_flags_only_the_shifted_feature(registered: dict, tmp_path: Path) -> None:
+    """The model's reference (its train split) against what is scored: the same population is ok, x1 moved by
+    one standard deviation is flagged by name, in the scoring run's metrics, tag, table and chart."""
+    uri = registered["uri"]
+    client = MlflowClient(uri)
+    same = _table(3000, seed=11).drop(columns=["label"])
+    same.to_parquet(tmp_path / "same.parquet")
+    ok = scoring_flow(NAME, str(tmp_path / "same.parquet"), str(tmp_path / "same.out.parquet"), tracking_uri=uri)
+    assert ok.drift.status == "ok" and ok.drift.max_psi < 0.1 and not ok.drift.drifted
+
+    shifted = same.assign(x1=same["x1"] + _table(600)["x1"].std())
+    shifted.to_parquet(tmp_path / "shifted.parquet")
+    moved = scoring_flow(NAME, str(tmp_path / "shifted.parquet"), str(tmp_path / "moved.parquet"), tracking_uri=uri)
+    assert list(moved.drift.drifted) == ["x1"] and moved.drift.psi["x1"] >= 0.25
+    run = client.get_run(moved.scoring_run_id)
+    assert run.data.tags["drift_status"] == "drift"
+    assert run.data.metrics["drift_psi.x1"] >= 0.25 and run.data.metrics["drift_psi.color"] < 0.1
+    assert run.data.metrics["drift_max_psi"] == pytest.approx(moved.drift.psi["x1"])
+    names = {a.path for a in client.list_artifacts(moved.scoring_run_id, "drift")}
+    assert names == {"drift/drift_chart.png", "drift/drift_table.json"}
+    assert client.get_run(ok.scoring_run_id).data.tags["drift_status"] == "ok"

@@ -21,6 +21,7 @@ def test_bundle_round_trip_without_pickle(tmp_path: Path) -> None:
     bundle = write_bundle(trained, p, "target", tmp_path / "bundle")
     assert sorted(f.name for f in bundle.iterdir()) == [
         "column_transformer.skops",
+        "drift_reference.json",
         "input_schema.json",
         "model.json",
         "preprocessor.json",

@@ -6,6 +6,8 @@ A bundle directory holds:
   preprocessor.json     input columns/dtypes, image stats, scaling choice
   column_transformer.skops   fitted scikit-learn ColumnTransformer (tabular data; skops secure format)
   input_schema.json     the training inputs' contract (pandera schema): nullability, categories, ranges
+  drift_reference.json  the train split's input (and prediction) profile for drift monitoring; absent in
+                        bundles made before it existed
 
 Nothing here unpickles: loading refuses any file it does not expect to read.
 """
@@ -27,12 +29,15 @@ from torchcycle.models.inference import predict as torch_predict
 from torchcycle.runtime.contract import check_frame, infer_contract
 from torchcycle.runtime.contract import from_json as contract_from_json
 from torchcycle.runtime.contract import to_json as contract_to_json
+from torchcycle.runtime.drift import ReferenceProfile
 from torchcycle.runtime.types import DataError, Task
 
 FORMAT_VERSION = 1
 # skops refuses every type not listed; scikit-learn estimators are trusted by default,
 # a dtype object is the only other thing a fitted ColumnTransformer holds.
 _SKOPS_TRUSTED = ["numpy.dtype"]
+DRIFT_REFERENCE = "drift_reference.json"
+_NOT_META = ("transformer", "contract", "reference")  # saved in files of their own
 
 
 def _json_ready(v: Any) -> Any:
@@ -55,6 +60,7 @@ class FeaturePipeline:
     target_std: float = 1.0
     transformer: Any = field(default=None, repr=False)  # sklearn ColumnTransformer (tabular)
     contract: Any = field(default=None, repr=False)  # pandera schema of the training inputs
+    reference: ReferenceProfile | None = field(default=None, repr=False)  # drift reference (train split)
 
     @classmethod
     def fit(
@@ -145,13 +151,15 @@ class FeaturePipeline:
         """File name -> content: JSON metadata, the scikit-learn transformer in skops' format, the input schema."""
         import skops.io as sio
 
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("transformer", "contract")}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_META}
         meta["classes"] = [_json_ready(c) for c in self.classes] if self.classes else None
         files = {"preprocessor.json": json.dumps(meta, indent=2).encode()}
         if self.transformer is not None:
             files["column_transformer.skops"] = sio.dumps(self.transformer)
         if self.contract is not None:
             files["input_schema.json"] = contract_to_json(self.contract).encode()
+        if self.reference is not None:
+            files[DRIFT_REFERENCE] = self.reference.to_json().encode()
         return files
 
     @classmethod
@@ -167,6 +175,8 @@ class FeaturePipeline:
             pipe.transformer = sio.loads(files["column_transformer.skops"], trusted=_SKOPS_TRUSTED)
         if "input_schema.json" in files:
             pipe.contract = contract_from_json(files["input_schema.json"].decode())
+        if DRIFT_REFERENCE in files:
+            pipe.reference = ReferenceProfile.from_json(files[DRIFT_REFERENCE].decode())
         return pipe
 
     def save(self, directory: Path) -> None:
@@ -175,7 +185,7 @@ class FeaturePipeline:
 
     @classmethod
     def load(cls, directory: Path) -> FeaturePipeline:
-        names = ("preprocessor.json", "column_transformer.skops", "input_schema.json")
+        names = ("preprocessor.json", "column_transformer.skops", "input_schema.json", DRIFT_REFERENCE)
         return cls.from_files({n: (directory / n).read_bytes() for n in names if (directory / n).exists()})
 
 
@@ -280,7 +290,14 @@ def save_bundle(
     return directory
 
 
-_EXPECTED = {"model.json", "weights.safetensors", "preprocessor.json", "column_transformer.skops", "input_schema.json"}
+_EXPECTED = {
+    "model.json",
+    "weights.safetensors",
+    "preprocessor.json",
+    "column_transformer.skops",
+    "input_schema.json",
+    DRIFT_REFERENCE,
+}
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Predictor:

@@ -62,7 +62,11 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
     pipe.contract = infer_contract(pd.concat([splits.train, splits.val, splits.test]).drop(columns=[splits.target]))
     drift = drift or DriftConfig()
     pipe.reference = ReferenceProfile.from_frame(
-        splits.train.drop(columns=[splits.target]), drift.bins, warn=drift.warn, threshold=drift.threshold
+        splits.train.drop(columns=[splits.target]),
+        drift.bins,
+        warn=drift.warn,
+        threshold=drift.threshold,
+        min_rows=drift.min_rows,
     )
 
     def xy(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -315,6 +315,7 @@ class DriftConfig(_Strict):
     bins: int = Field(10, ge=2, le=100)  # quantile bins per numeric column (fewer where values repeat)
     warn: float = Field(0.1, gt=0)  # population stability index (PSI) from which a column is "warn"
     threshold: float = Field(0.25, gt=0)  # PSI from which a column has drifted (and an event is emitted)
+    min_rows: int = Field(1000, ge=1, le=10**12)  # fewer scored rows: PSI recorded, nothing called drift
 
     @model_validator(mode="after")
     def _ordered(self) -> DriftConfig:
@@ -393,11 +394,27 @@ class DeploymentSection(_Strict):
     # bool first: YAML reads a bare `off` as false, which must not become an interval of 0 s
     retrain: bool | str | int | float | None = None
     score: bool | str | int | float | None = None
+    # retrain on drift: at most one retrain per cool-down window; off: no automation; unset: deploy's default
+    drift_cooldown: bool | str | int | float | None = None
 
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
         return check_timezone(v)
+
+    @field_validator("drift_cooldown")
+    @classmethod
+    def _cooldown(cls, v: bool | str | int | float | None) -> float | str | None:
+        """Normalised: seconds (a float), "off", or None (unset)."""
+        if v is None:
+            return None
+        try:
+            spec = parse_schedule(v)
+        except ValueError:
+            spec = None
+        if spec is None or spec.kind == "cron":
+            raise ValueError(f"'{v}' is neither a duration of 1 s to a year (90, 30s, 15m, 6h, 1d) nor 'off'")
+        return "off" if spec.kind == "off" else float(spec.value)
 
     @model_validator(mode="after")
     def _schedules(self) -> DeploymentSection:

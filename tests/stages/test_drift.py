@@ -71,6 +71,18 @@ def test_three_shifted_features_are_flagged_and_nothing_else(tabular) -> None:
     print(f"smallest shifted PSI {min(report.psi[c] for c in shifted_cols):.3f}")
 
 
+def test_too_few_rows_are_recorded_but_not_called_drift(tabular) -> None:
+    """PSI of a small sample is mostly noise: below drift.min_rows (default 1000) nothing is called drift, so a
+    40-row file cannot start a retrain; the values are still there to look at."""
+    splits, reference = tabular
+    test = splits.test.drop(columns="y")
+    small = test.head(200).assign(x3=lambda f: f["x3"] + 5)
+    report = drift_report(reference, _counts(reference, small))
+    assert report.min_rows == 1000 and not report.enough_rows and report.status == "too-few-rows"
+    assert report.psi["x3"] >= 0.25  # recorded all the same
+    assert drift_report(reference, _counts(reference, test)).status == "ok"  # 1,000 rows: judged
+
+
 def test_bootstrap_resamples_of_unshifted_rows_flag_nothing(tabular) -> None:
     splits, reference = tabular
     test = splits.test.drop(columns="y")

@@ -30,6 +30,9 @@ FORMAT_VERSION = 1
 MAX_CATEGORIES = 200  # kept per categorical column; the rest of the train split's categories pool into <other>
 MISSING, OTHER, UNSEEN = "<missing>", "<other>", "<unseen>"
 DEFAULT_WARN, DEFAULT_THRESHOLD = 0.1, 0.25  # PSI rules of thumb: < 0.1 stable, >= 0.25 a real shift
+# PSI of a small sample is mostly noise (its expected value by chance alone is about (bins - 1) * (1/n_ref +
+# 1/n)): below this many scored rows the values are recorded, but nothing is called drift.
+DEFAULT_MIN_ROWS = 1000
 
 Kind = Literal["numeric", "categorical"]
 
@@ -207,6 +210,7 @@ class ReferenceProfile:
     prediction: ColumnProfile | None = None
     task: str | None = None  # classification | regression, with `prediction`
     format_version: int = field(default=FORMAT_VERSION, repr=False)
+    min_rows: int = DEFAULT_MIN_ROWS  # fewer scored rows than this: not judged (config `drift.min_rows`)
 
     @classmethod
     def from_frame(
@@ -217,6 +221,7 @@ class ReferenceProfile:
         warn: float = DEFAULT_WARN,
         threshold: float = DEFAULT_THRESHOLD,
         max_categories: int = MAX_CATEGORIES,
+        min_rows: int = DEFAULT_MIN_ROWS,
     ) -> ReferenceProfile:
         """Profile every column of `frame` (the train split's raw features, target dropped); `frame` is read,
         never changed."""
@@ -231,7 +236,7 @@ class ReferenceProfile:
                 profiles.append(ColumnProfile.numeric(str(name), s, bins))
             else:
                 profiles.append(ColumnProfile.categorical(str(name), s, max_categories))
-        return cls(tuple(profiles), len(frame), bins, float(warn), float(threshold))
+        return cls(tuple(profiles), len(frame), bins, float(warn), float(threshold), min_rows=int(min_rows))
 
     def with_predictions(
         self,
@@ -266,6 +271,7 @@ class ReferenceProfile:
             "bins": self.bins,
             "warn": self.warn,
             "threshold": self.threshold,
+            "min_rows": self.min_rows,
             "task": self.task,
             "columns": [c.to_dict() for c in self.columns],
             "prediction": self.prediction.to_dict() if self.prediction else None,
@@ -288,6 +294,7 @@ class ReferenceProfile:
             threshold=float(d["threshold"]),
             prediction=ColumnProfile.from_dict(d["prediction"]) if d.get("prediction") else None,
             task=d.get("task"),
+            min_rows=int(d.get("min_rows", DEFAULT_MIN_ROWS)),
         )
 
     @cached_property
@@ -414,6 +421,7 @@ class DriftReport:
     rows: int
     warn: float
     threshold: float
+    min_rows: int = 1  # fewer rows: PSI is recorded, but nothing is called drift (status too-few-rows)
 
     @property
     def judged(self) -> bool:
@@ -421,14 +429,20 @@ class DriftReport:
         return self.rows > 0
 
     @property
+    def enough_rows(self) -> bool:
+        return self.rows >= max(1, self.min_rows)
+
+    @property
     def prediction_drifted(self) -> bool:
         return self.prediction_psi is not None and self.prediction_psi >= self.threshold
 
     @property
     def status(self) -> str:
-        """no-data | drift | warn | ok, the predictions included."""
+        """no-data | too-few-rows | drift | warn | ok, the predictions included."""
         if not self.judged:
             return "no-data"
+        if not self.enough_rows:
+            return "too-few-rows"
         if self.drifted or self.prediction_drifted:
             return "drift"
         if self.warned or (self.prediction_psi is not None and self.prediction_psi >= self.warn):
@@ -459,7 +473,7 @@ def drift_report(
     if counts.reference.fingerprint != reference.fingerprint:
         raise ValueError("drift counts were made against another reference profile")
     if counts.rows == 0:
-        return DriftReport({}, None, None, {}, {}, 0, warn, threshold)
+        return DriftReport({}, None, None, {}, {}, 0, warn, threshold, reference.min_rows)
     values = {c.name: psi(np.asarray(c.expected), counts.features[c.name]) for c in reference.columns}
     ranked = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
     pred = None
@@ -474,4 +488,5 @@ def drift_report(
         rows=counts.rows,
         warn=warn,
         threshold=threshold,
+        min_rows=reference.min_rows,
     )

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from torchcycle.config import ScheduleSpec, load_config
-from torchcycle.flows.scoring import scoring_flow
+from torchcycle.flows.scoring import score_files
 from torchcycle.flows.training import Unchanged, training_flow
 from torchcycle.registry import ModelRef
 from torchcycle.tasks.score import plan_scoring_task
@@ -57,17 +57,18 @@ def score(
     input: str = "data/incoming",
     output: str = "data/scored",
     id_cols: list[str] | None = None,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Score every new file under `input` with `model` (NAME = NAME@champion) into the `output` directory.
 
     One output file per input and model version: files already scored by this version are skipped.
     With nothing to do (no champion yet, no input files, all scored) the run completes with the reason
-    and writes no MLflow run."""
+    and writes no MLflow run. `dask`: a Dask scheduler (tcp://HOST:PORT) to score the files on."""
     plan = plan_scoring_task(resolve_tracking_uri(), ModelRef.parse(model), input, output)
     if plan.idle:
         get_run_logger().info("nothing to score: %s", plan.idle)
         return {"status": "idle", "reason": plan.idle}
-    result = scoring_flow(model, input, output, id_cols)
+    result = score_files(model, input, output, dask=dask, id_cols=id_cols)
     return {
         "status": "scored",
         "model_version": result.model.version,
@@ -94,8 +95,12 @@ def default_specs(
     score_input: str = "data/incoming",
     score_output: str = "data/scored",
     schedules: dict[str, ScheduleSpec | None] | None = None,
+    score_dask: str | None = None,
 ) -> tuple[DeploymentSpec, ...]:
     schedules = schedules or {}
+    score_params: dict[str, Any] = {"model": model, "input": score_input, "output": score_output}
+    if score_dask:
+        score_params["dask"] = score_dask
     return (
         DeploymentSpec(
             "retrain",
@@ -109,7 +114,7 @@ def default_specs(
             "score",
             "score",
             "Batch scoring of new files with the champion; already scored files are skipped.",
-            {"model": model, "input": score_input, "output": score_output},
+            score_params,
             ("torchcycle", "scoring"),
             schedules.get("score"),
         ),
@@ -216,3 +221,138 @@ def read_existing(names: tuple[tuple[str, str], ...]) -> dict[str, list[Any]]:
             except ObjectNotFound:
                 continue
     return out
+
+
+# ---- retrain on drift: a Prefect automation -----------------------------------------------------------------
+DRIFT_EVENT = "torchcycle.drift.detected"  # the scoring flow's, when a scored batch drifted from the training data
+DEFAULT_DRIFT_COOLDOWN_S = 86400.0  # one retrain per drifted day, however many files were scored that day
+DRIFT_TAG = "retrain-on-drift"  # marks the automations deploy manages (and may remove)
+
+
+def drift_automation_name(model_name: str) -> str:
+    return f"retrain-on-drift-{model_name}"
+
+
+def parse_cooldown(value: str | bool | int | float, key: str = "--drift-cooldown") -> float | str:
+    """A drift cool-down as the command line or a config gives it: seconds (90, 30s, 15m, 6h, 1d) or
+    "off" (no automation). ValueError names `key`. The config's deployment.drift_cooldown goes through
+    the same validator (DeploymentSection's), so both accept the same values."""
+    from pydantic import ValidationError
+
+    from torchcycle.config import DeploymentSection
+
+    try:
+        return DeploymentSection(drift_cooldown=value).drift_cooldown
+    except ValidationError as err:
+        raise ValueError(f"{key}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def drift_automation(model_name: str, deployment_id: Any, cooldown_s: float, enabled: bool = True) -> Any:
+    """The automation that retrains `model_name` when its scoring reports drift: a reactive EventTrigger on
+    DRIFT_EVENT whose resource is that model, threshold 1 within `cooldown_s`; its action runs the retrain
+    deployment `deployment_id` with that deployment's own parameters.
+
+    The window is the cool-down. Prefect's trigger service (prefect/server/events/triggers.py, `evaluate`)
+    fires a reactive trigger as soon as its bucket holds `threshold` events, removes the bucket and starts
+    the next one at max(end of this one, now). Drift events before that start are ignored as "late", so
+    the first drift event fires at once and the rest of its window start nothing: at most one retrain per
+    window."""
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    # `type` given although it is the default: the client updates with exclude_unset, and the server needs it
+    return AutomationCore(
+        name=drift_automation_name(model_name),
+        description=(
+            f"Retrain {model_name} when a scored batch drifted ({DRIFT_EVENT}): the first drift event starts "
+            f"the retrain deployment, later ones within {cooldown_s:g} s start nothing. Managed by torchcycle deploy."
+        ),
+        enabled=enabled,
+        tags=["torchcycle", DRIFT_TAG],
+        trigger=EventTrigger(
+            type="event",
+            expect={DRIFT_EVENT},
+            match={"torchcycle.model.name": model_name},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(seconds=cooldown_s),
+        ),
+        actions=[RunDeployment(type="run-deployment", source="selected", deployment_id=deployment_id)],
+    )
+
+
+@dataclass(frozen=True)
+class AutomationPlan:
+    """What deploy does with a model's drift automation, and the line that says so."""
+
+    line: str
+    create: Any = None  # an AutomationCore to create
+    update: tuple[Any, Any] | None = None  # (id, AutomationCore): replace that automation's definition
+    delete: tuple[Any, ...] = ()  # ids
+
+
+def _cooldown_of(automation: Any) -> float | None:
+    within = getattr(automation.trigger, "within", None)
+    return within.total_seconds() if within else None
+
+
+def _definition(automation: Any) -> dict[str, Any]:
+    from prefect.events.schemas.automations import AutomationCore
+
+    return AutomationCore.model_validate(automation.model_dump(exclude={"id"})).model_dump(mode="json")
+
+
+def plan_drift_automation(
+    model_name: str, deployment_id: Any, cooldown: float | str | None, existing: list[Any]
+) -> AutomationPlan:
+    """Create, update, keep or remove the automation of `model_name`, given the server's automations of
+    that name (`existing`, newest first; any beyond the first are duplicates and go).
+
+    `cooldown`: seconds, "off" (remove it), or None (not given: the server's cool-down, else the default).
+    Whether the automation is enabled stays as on the server (paused in the UI stays paused)."""
+    name = drift_automation_name(model_name)
+    current, duplicates = (existing[0], tuple(a.id for a in existing[1:])) if existing else (None, ())
+    if cooldown == "off":
+        if current is None:
+            return AutomationPlan(f"{name}: no automation (drift cool-down off)")
+        return AutomationPlan(f"{name}: automation removed (drift cool-down off)", delete=(current.id, *duplicates))
+    now = _cooldown_of(current) if current is not None else None
+    chosen = float(cooldown) if cooldown is not None else now or DEFAULT_DRIFT_COOLDOWN_S
+    desired = drift_automation(model_name, deployment_id, chosen, enabled=current.enabled if current else True)
+    paused = "" if desired.enabled else ", paused as on the server"
+    if current is None:
+        return AutomationPlan(f"{name}: automation created, cool-down {chosen:g} s", create=desired)
+    if _definition(current) == _definition(desired):
+        kept = " (as on the server)" if cooldown is None else ""
+        return AutomationPlan(f"{name}: automation unchanged, cool-down {chosen:g} s{kept}{paused}", delete=duplicates)
+    change = f"cool-down {now:g} s -> {chosen:g} s" if now != chosen else f"cool-down {chosen:g} s"
+    return AutomationPlan(
+        f"{name}: automation updated, {change}{paused}", update=(current.id, desired), delete=duplicates
+    )
+
+
+def stale_drift_automations(model_name: str, related: list[Any]) -> list[Any]:
+    """Drift automations deploy made for another model that run this retrain deployment (`related`: the
+    automations related to it): it trains `model_name` now, so another model's drift must not start it."""
+    name = drift_automation_name(model_name)
+    return [a for a in related if DRIFT_TAG in a.tags and a.name != name]
+
+
+def sync_drift_automation(model_name: str, deployment_id: Any, cooldown: float | str | None) -> list[str]:
+    """Apply plan_drift_automation on the server at PREFECT_API_URL; the lines say what was done."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        plan = plan_drift_automation(
+            model_name, deployment_id, cooldown, client.read_automations_by_name(drift_automation_name(model_name))
+        )
+        stale = stale_drift_automations(
+            model_name, client.read_resource_related_automations(f"prefect.deployment.{deployment_id}")
+        )
+        if plan.create is not None:
+            client.create_automation(plan.create)
+        if plan.update is not None:
+            client.update_automation(*plan.update)
+        for automation_id in (*plan.delete, *(a.id for a in stale)):
+            client.delete_automation(automation_id)
+    return [plan.line, *(f"{a.name}: automation removed (this retrain deployment trains {model_name})" for a in stale)]

@@ -136,3 +136,40 @@ def cli_env(**extra: str) -> dict[str, str]:
         env["PREFECT_API_URL"] = PREFECT_API_URL.value()
     env.update(extra)
     return env
+
+
+def scoring_table(n: int, seed: int = 0):
+    """Two numeric features, one categorical; a high/low label that depends on all three."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(size=n)
+    x2 = rng.integers(0, 10, size=n)
+    color = rng.choice(["red", "green", "blue"], size=n)
+    score = x1 + 0.3 * x2 + np.where(color == "red", 1.5, 0.0)
+    label = np.where(score > 1.8, "high", "low")
+    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
+
+
+def register_classifier(root: Path, name: str, epochs: int = 15) -> str:
+    """Train and register a small MLP on `scoring_table(600)` through the training flow (champion v1) in an
+    embedded store under `root`; its tracking URI. Needs the Prefect test harness."""
+    from torchcycle.config import config_from_dict
+    from torchcycle.flows.training import training_flow
+
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    train_csv = root / "train.csv"
+    scoring_table(600).to_csv(train_csv, index=False)
+    cfg = config_from_dict(
+        {
+            "name": name,
+            "experiment": "tests",
+            "data": {"source": f"file:{train_csv}", "target": "label"},
+            "model": {"kind": "mlp", "hidden": [16]},
+            "train": {"epochs": epochs, "patience": 0, "lr": 0.01},
+        }
+    )
+    summary = training_flow(cfg, tracking_uri=uri)
+    assert summary.model_version == "1" and summary.decision.promote
+    return uri

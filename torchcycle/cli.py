@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -290,9 +291,24 @@ def predict(
     id_col: Annotated[list[str] | None, typer.Option("--id-col", help="Column to carry into the output first.")] = None,
     batch_rows: Annotated[int, typer.Option(min=1, help="Rows per streamed batch.")] = 65_536,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
+    workers: Annotated[
+        int, typer.Option(min=0, max=1024, help="Score on a local Dask cluster of N worker processes (0: no Dask).")
+    ] = 0,
+    dask: Annotated[
+        str | None,
+        typer.Option(help=f"Score on the Dask scheduler at tcp://HOST:PORT (default: ${DASK_ENV})."),
+    ] = None,
+    unit_rows: Annotated[
+        int, typer.Option(min=1, help="With Dask: Parquet files of more rows are split into units of row groups.")
+    ] = 1_048_576,
 ) -> None:
-    """Batch-score files with a registered model into Parquet (written atomically)."""
+    """Batch-score files with a registered model into Parquet (written atomically), here or on Dask."""
     _setup_env()
+    dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
+    if workers and dask:
+        raise _fail(f"--workers starts a local Dask cluster; --dask (or ${DASK_ENV}) names one: give one of them")
+    if dask is not None:
+        dask = _dask_address(dask)
     from torchcycle.errors import DataError
     from torchcycle.registry import ModelRef
     from torchcycle.tables import find_inputs
@@ -303,10 +319,29 @@ def predict(
             raise DataError(f"{option} is empty: give a file, a directory or a glob")
     ModelRef.parse(model)  # fail in milliseconds, before Prefect starts
     check_output(input_, find_inputs(input_), Path(output))
-    from torchcycle.flows.scoring import scoring_flow
+    if dask:
+        _check_dask_answers(dask)
+    from torchcycle.flows.scoring import score_files
 
     _quiet_console_tracebacks()
-    result = scoring_flow(model, input_, output, id_col or [], batch_rows)
+    with contextlib.ExitStack() as stack:
+        if workers or dask:
+            _quiet_dask_logs()
+        if workers:
+            from prefect.settings import PREFECT_API_URL
+
+            from torchcycle.local_server import shared_temporary_api
+
+            if not PREFECT_API_URL.value():  # the workers must report to the API this flow uses
+                stack.enter_context(shared_temporary_api())
+        try:
+            result = score_files(
+                model, input_, output, workers, dask, id_cols=id_col or [], batch_rows=batch_rows, unit_rows=unit_rows
+            )
+        except OSError as err:  # the scheduler named by --dask does not answer
+            if dask and "Timed out trying to connect" in str(err):
+                raise _fail(f"the Dask scheduler at {dask} does not answer ({_first_line(err)})", 3) from None
+            raise
     _print_scoring(result)
     if as_json:
         print(
@@ -320,9 +355,50 @@ def predict(
                     "files": [f.output for f in result.files],
                     "skipped": [f.input for f in result.files if f.skipped],
                     "run_id": result.scoring_run_id,
+                    "drift": None
+                    if result.drift is None
+                    else {
+                        "status": result.drift.status,
+                        "max_psi": result.drift.max_psi,
+                        "prediction_psi": result.drift.prediction_psi,
+                        "drifted": result.drift.drifted,
+                    },
                 }
             )
         )
+
+
+DASK_ENV = "TORCHCYCLE_DASK_ADDRESS"
+
+
+def _dask_address(text: str) -> str:
+    """`tcp://HOST:PORT` (or HOST:PORT, which means tcp); anything else is one error line."""
+    import re
+
+    raw = text.strip()
+    address = raw if "://" in raw else f"tcp://{raw}"
+    m = re.fullmatch(r"(tcp|tls)://([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})", address)
+    if not m or not 1 <= int(m.group(3)) <= 65535:
+        raise _fail(f"--dask '{text}' is not a Dask scheduler address: use tcp://HOST:PORT (e.g. tcp://127.0.0.1:8786)")
+    return address
+
+
+def _check_dask_answers(address: str) -> None:
+    """A scheduler that does not accept a connection: exit 3 in seconds, before Prefect or a flow run starts."""
+    import socket
+
+    host, port = address.split("://", 1)[1].rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise _fail(f"the Dask scheduler at {address} does not answer ({err.strerror or err})", 3) from None
+
+
+def _quiet_dask_logs() -> None:
+    """Dask's scheduler and workers log every connection at INFO; a scoring command shows its own progress."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read when distributed is imported (workers too)
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _print_scoring(result) -> None:
@@ -334,6 +410,18 @@ def _print_scoring(result) -> None:
         + (f"; {skipped} already scored by this version, skipped" if skipped else "")
     )
     typer.echo(f"output {result.output}   (MLflow run {result.scoring_run_id})")
+    report = result.drift
+    if report is not None and report.judged:
+        worst = ", ".join(f"{c} {v:.2f}" for c, v in report.worst(3))
+        pred = f"; predictions {report.prediction_psi:.2f}" if report.prediction_psi is not None else ""
+        line = f"drift  {report.status}: PSI {worst}{pred}"
+        if not report.enough_rows:
+            line += f" -- {report.rows} rows, fewer than drift.min_rows ({report.min_rows}): not judged"
+        elif report.drifted:
+            line += f" -- {len(report.drifted)} column(s) at or over {report.threshold:g}: " + ", ".join(
+                list(report.drifted)[:10]
+            )
+        typer.echo(line)
 
 
 def _print_ui_hint() -> None:
@@ -489,25 +577,67 @@ _Schedule = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'o
 _RetrainSchedule = Annotated[str | None, typer.Option("--retrain-schedule", help=f"When to retrain: {_Schedule}.")]
 _ScoreSchedule = Annotated[str | None, typer.Option("--score-schedule", help=f"When to score: {_Schedule}.")]
 _Timezone = Annotated[str | None, typer.Option("--timezone", help="Time zone of cron lines (default UTC).")]
+_ScoreDask = Annotated[
+    str | None,
+    typer.Option(
+        "--dask", help="Scheduled scoring on the Dask scheduler at tcp://HOST:PORT (default: $TORCHCYCLE_DASK_ADDRESS)."
+    ),
+]
+_DriftCooldown = Annotated[
+    str | None,
+    typer.Option(
+        "--drift-cooldown",
+        help="Retrain when scoring reports drift, at most once per this window: 90, 30s, 15m, 6h, 1d "
+        "(default 1d, or as on the server); 'off': no retrain on drift.",
+    ),
+]
 
 
-def _deployment_specs(config: str, source: Path, model: str, score_input: str, score_output: str, schedules, tz):
-    """The two deployments with their schedules: options > the config's deployment: section > unset.
+def _deployment_specs(
+    config: str,
+    source: Path,
+    model: str,
+    score_input: str,
+    score_output: str,
+    schedules,
+    tz,
+    drift_cooldown=None,
+    dask: str | None = None,
+):
+    """The two deployments with their schedules: options > the config's deployment: section > unset; and
+    the drift automation's (model name, cool-down): the config's name (None where the config cannot be read
+    here), the cool-down option > the config's deployment.drift_cooldown > unset (None).
     Bad options or config: one error line, exit 2."""
     from torchcycle.config import check_timezone, load_config, parse_schedule
-    from torchcycle.flows.deployments import default_specs
+    from torchcycle.flows.deployments import default_specs, parse_cooldown
 
     local = Path(config) if Path(config).is_absolute() else source / config
     try:
-        section = load_config(local).deployment if local.is_file() else None
+        cfg = load_config(local) if local.is_file() else None
+        section = cfg.deployment if cfg else None
         zone = check_timezone(tz) if tz is not None else (section.timezone if section else "UTC")
         chosen = {
             which: parse_schedule(text, zone) if text is not None else (section.schedule(which) if section else None)
             for which, text in schedules.items()
         }
+        cooldown = parse_cooldown(drift_cooldown) if drift_cooldown is not None else None
+        if cooldown is None and section is not None:
+            cooldown = section.drift_cooldown
     except ValueError as err:  # ConfigError too
         raise _fail(str(err)) from None
-    return default_specs(config, model, score_input, score_output, chosen)
+    dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
+    specs = default_specs(config, model, score_input, score_output, chosen, _dask_address(dask) if dask else None)
+    return specs, (cfg.name if cfg else None, cooldown)
+
+
+def _drift_automation(drift, retrain_id) -> list[str]:
+    """Create, update or remove the retrain-on-drift automation of the retrained model; what was done."""
+    from torchcycle.flows.deployments import sync_drift_automation
+
+    model_name, cooldown = drift
+    if model_name is None:  # --source names the worker's directory, and the config is not here to read
+        return ["retrain-on-drift: no automation: the config is not readable here, so its model name is unknown"]
+    return sync_drift_automation(model_name, retrain_id, cooldown)
 
 
 def _with_server_schedules(specs):
@@ -531,18 +661,24 @@ def deploy(
     retrain_schedule: _RetrainSchedule = None,
     score_schedule: _ScoreSchedule = None,
     timezone: _Timezone = None,
+    drift_cooldown: _DriftCooldown = None,
+    dask: _ScoreDask = None,
 ) -> None:
     """Register the `retrain` and `score` deployments with the Prefect server, and say what changed.
 
     A schedule not given here or in the config's deployment: section stays as the server has it (edited
-    in the UI, say); a new deployment gets the default (retrain 02:00 UTC nightly, score hourly)."""
+    in the UI, say); a new deployment gets the default (retrain 02:00 UTC nightly, score hourly).
+    Also creates or updates the automation `retrain-on-drift-NAME` (NAME: the config's model): a drift
+    event of NAME's scoring runs `retrain`, at most once per cool-down window (default 1 day)."""
     _setup_env()
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise _fail("PREFECT_API_URL is not set: point it at your Prefect server (e.g. http://127.0.0.1:4200/api)")
     schedules = {"retrain": retrain_schedule, "score": score_schedule}
-    specs = _deployment_specs(config, source, model, score_input, score_output, schedules, timezone)
+    specs, drift = _deployment_specs(
+        config, source, model, score_input, score_output, schedules, timezone, drift_cooldown, dask
+    )
     from prefect import deploy as prefect_deploy
 
     from torchcycle.flows.deployments import runner_deployments
@@ -559,7 +695,16 @@ def deploy(
     )
     for line in changes:
         typer.echo(f"deployed {line}")
+    for line in _drift_automation(drift, _deployment_id(next(s for s in specs if s.name == "retrain"))):
+        typer.echo(f"deployed {line}")
     typer.echo(f"pool {pool}: start a worker with  prefect worker start --pool {pool} --type process")
+
+
+def _deployment_id(spec):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}").id
 
 
 def _ensure_process_pool(pool: str) -> None:
@@ -582,6 +727,8 @@ def serve(
     retrain_schedule: _RetrainSchedule = None,
     score_schedule: _ScoreSchedule = None,
     timezone: _Timezone = None,
+    drift_cooldown: _DriftCooldown = None,
+    dask: _ScoreDask = None,
     port: Annotated[
         int, typer.Option(min=1, max=65535, help="Port of the local Prefect server (when PREFECT_API_URL is unset).")
     ] = 4200,
@@ -594,7 +741,9 @@ def serve(
     from prefect.settings import PREFECT_API_URL
 
     schedules = {"retrain": retrain_schedule, "score": score_schedule}
-    specs = _deployment_specs(config, Path("."), model, score_input, score_output, schedules, timezone)
+    specs, drift = _deployment_specs(
+        config, Path("."), model, score_input, score_output, schedules, timezone, drift_cooldown, dask
+    )
     with contextlib.ExitStack() as stack:
         if not PREFECT_API_URL.value():
             from torchcycle.local_server import PortTaken, local_prefect_server
@@ -606,10 +755,10 @@ def serve(
             except RuntimeError as err:
                 raise _fail(str(err), EXIT_SERVICE_DOWN) from None
             typer.echo(f"prefect server {url} (started for this command; UI on http://127.0.0.1:{port})")
-        _serve(specs)
+        _serve(specs, drift)
 
 
-def _serve(specs) -> None:
+def _serve(specs, drift) -> None:
     import signal
 
     from prefect import serve as prefect_serve
@@ -623,8 +772,13 @@ def _serve(specs) -> None:
     specs, changes, existing = _with_server_schedules(specs)
     for line in changes:
         typer.echo(f"serving {line}")
+    deployments = runner_deployments(specs, existing=existing)
+    # the automation runs the retrain deployment by id: register it now (serve registers it again, the same one)
+    retrain = next(d for d, s in zip(deployments, specs, strict=True) if s.name == "retrain")
+    for line in _drift_automation(drift, retrain.apply()):
+        typer.echo(f"serving {line}")
     with contextlib.suppress(KeyboardInterrupt):
-        prefect_serve(*runner_deployments(specs, existing=existing))
+        prefect_serve(*deployments)
 
 
 def main() -> None:

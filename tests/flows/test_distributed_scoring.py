@@ -19,12 +19,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli_env, free_port
+from conftest import cli_env, free_port, register_classifier, scoring_table
 
-from torchcycle.config import config_from_dict
 from torchcycle.errors import DataError
 from torchcycle.flows.scoring import score_files
-from torchcycle.flows.training import training_flow
 from torchcycle.registry import ResolvedModel
 from torchcycle.tasks.score import (
     FileResult,
@@ -39,16 +37,8 @@ NAME = "dask-test"
 BIN = Path(sys.executable).parent
 
 
-def _table(n: int, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    x1, x2 = rng.normal(size=n), rng.integers(0, 10, size=n)
-    color = rng.choice(["red", "green", "blue"], size=n)
-    label = np.where(x1 + 0.3 * x2 + np.where(color == "red", 1.5, 0.0) > 1.8, "high", "low")
-    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
-
-
 def _rows(n: int, seed: int) -> pd.DataFrame:
-    frame = _table(n, seed).drop(columns=["label"])
+    frame = scoring_table(n, seed).drop(columns=["label"])
     frame.insert(0, "row_id", np.arange(seed * 10_000_000, seed * 10_000_000 + n))
     return frame
 
@@ -125,20 +115,7 @@ def test_commit_outputs_all_or_nothing_for_a_file_per_file_for_a_directory(tmp_p
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, prefect_harness) -> dict:
     root = tmp_path_factory.mktemp("dask")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    train_csv = root / "train.csv"
-    _table(600).to_csv(train_csv, index=False)
-    cfg = config_from_dict(
-        {
-            "name": NAME,
-            "experiment": "tests",
-            "data": {"source": f"file:{train_csv}", "target": "label"},
-            "model": {"kind": "mlp", "hidden": [16]},
-            "train": {"epochs": 5, "patience": 0, "lr": 0.01},
-        }
-    )
-    assert training_flow(cfg, tracking_uri=uri).model_version == "1"
-    return {"uri": uri, "root": root}
+    return {"uri": register_classifier(root, NAME, epochs=5), "root": root}
 
 
 class Cluster:
@@ -233,6 +210,9 @@ def test_dask_scoring_matches_single_process_row_for_row(registered: dict, clust
     assert spread.rows == single.rows == 40_000 + sum(700 + 50 * i for i in range(5))
     assert [Path(f.input).name for f in spread.files] == [Path(f.input).name for f in single.files]
     assert [f.digest for f in spread.files] == [f.digest for f in single.files]
+    # drift counted on the workers, unit by unit, adds up to exactly the single pass's counts
+    assert spread.drift_counts is not None and spread.drift_counts == single.drift_counts
+    assert spread.drift.psi == single.drift.psi and spread.drift.status == "ok"
     for f in single.files:
         _same(Path(f.output), tmp_path / "dask" / Path(f.output).name)
     big = pd.read_parquet(tmp_path / "dask" / f"big.parquet.{NAME}-v1.parquet")
@@ -346,3 +326,16 @@ def test_cli_dask_options_refused_in_one_line(registered: dict, tmp_path: Path, 
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out.parquet").exists()
     shutil.rmtree(tmp_path / "in.parquet", ignore_errors=True)
+
+
+def test_the_score_deployment_carries_the_dask_scheduler(tmp_path: Path) -> None:
+    from torchcycle.flows.deployments import default_specs
+
+    (plain,) = [s for s in default_specs() if s.name == "score"]
+    (spread,) = [s for s in default_specs(score_dask="tcp://dask-scheduler:8786") if s.name == "score"]
+    assert "dask" not in plain.parameters  # no scheduler: scored in the worker's process, as before
+    assert spread.parameters["dask"] == "tcp://dask-scheduler:8786"
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "TORCHCYCLE_DASK_ADDRESS": "no such thing"}
+    proc = subprocess.run([str(BIN / "torchcycle"), "deploy"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a Dask scheduler address" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,15 +15,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import artifact_markdown, free_port
+from conftest import artifact_markdown, free_port, register_classifier, scoring_table
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from torchcycle.cli import app
-from torchcycle.config import config_from_dict
 from torchcycle.errors import DataError
 from torchcycle.flows.scoring import scoring_flow
-from torchcycle.flows.training import training_flow
 from torchcycle.registry import ModelRef, ResolvedModel
 from torchcycle.tables import atomic_parquet, check_schema, find_inputs
 from torchcycle.tasks.score import Scorer, plan_scoring, score_batch
@@ -31,15 +29,7 @@ from torchcycle.tasks.score import Scorer, plan_scoring, score_batch
 NAME = "scoring-test"
 
 
-def _table(n: int, seed: int = 0) -> pd.DataFrame:
-    """Two numeric features, one categorical; the label depends on all three."""
-    rng = np.random.default_rng(seed)
-    x1 = rng.normal(size=n)
-    x2 = rng.integers(0, 10, size=n)
-    color = rng.choice(["red", "green", "blue"], size=n)
-    score = x1 + 0.3 * x2 + np.where(color == "red", 1.5, 0.0)
-    label = np.where(score > 1.8, "high", "low")
-    return pd.DataFrame({"x1": x1, "x2": x2, "color": color, "label": label})
+_table = scoring_table
 
 
 # ---- plain functions ------------------------------------------------------------------------------
@@ -144,21 +134,7 @@ def test_scorer_streams_in_bounded_batches(tmp_path: Path) -> None:
 def registered(tmp_path_factory, prefect_harness) -> dict:
     """One trained and registered classifier (champion v1) in a module-wide MLflow store."""
     root = tmp_path_factory.mktemp("scoring")
-    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
-    train_csv = root / "train.csv"
-    _table(600).to_csv(train_csv, index=False)
-    cfg = config_from_dict(
-        {
-            "name": NAME,
-            "experiment": "tests",
-            "data": {"source": f"file:{train_csv}", "target": "label"},
-            "model": {"kind": "mlp", "hidden": [16]},
-            "train": {"epochs": 15, "patience": 0, "lr": 0.01},
-        }
-    )
-    summary = training_flow(cfg, tracking_uri=uri)
-    assert summary.model_version == "1" and summary.decision.promote
-    return {"uri": uri, "root": root}
+    return {"uri": register_classifier(root, NAME), "root": root}
 
 
 def _input(root: Path, n: int = 500, seed: int = 1) -> pd.DataFrame:

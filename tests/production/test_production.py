@@ -43,7 +43,13 @@ SECRETS = {
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-secret-for-tests",
     "PREFECT_API_AUTH_STRING": "admin:prefect-secret-for-tests",
 }
-SERVICE_NAMES = ("mlflow", "prefect-server", "postgres", "not-allowed")  # the last: a host MLflow must refuse
+SERVICE_NAMES = (
+    "mlflow",
+    "prefect-server",
+    "postgres",
+    "dask-scheduler",
+    "not-allowed",
+)  # the last: a host MLflow must refuse
 
 
 # ---- docker compose's variable interpolation, for .env files -------------------------------------------
@@ -106,14 +112,15 @@ def test_env_example_fails_until_every_secret_is_set() -> None:
 
 def test_compose_is_closed_by_default() -> None:
     services = compose(user_env())["services"]
-    assert set(services) == {"postgres", "mlflow", "prefect-server", "worker"}
+    assert set(services) == {"postgres", "mlflow", "prefect-server", "worker", "dask-scheduler", "dask-worker"}
     for name, svc in services.items():
         assert svc["healthcheck"]["test"], f"{name} has no healthcheck"
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
-    assert "ports" not in services["postgres"] and "ports" not in services["worker"]
+    for name in ("postgres", "worker", "dask-scheduler", "dask-worker"):  # reached by service name only
+        assert "ports" not in services[name], f"{name} is published"
     assert compose({**user_env(), "BIND_ADDRESS": "0.0.0.0"})["services"]["mlflow"]["ports"][0].startswith("0.0.0.0:")
-    for name in ("mlflow", "prefect-server", "worker"):
+    for name in ("mlflow", "prefect-server", "worker", "dask-worker"):
         for dep, cond in services[name]["depends_on"].items():
             assert cond == {"condition": "service_healthy"}, f"{name} -> {dep}"
     mlflow_cmd = services["mlflow"]["command"]
@@ -185,7 +192,7 @@ class Stack:
     def __init__(self, tmp: Path, hosts: Path, env: dict[str, str]) -> None:
         self.tmp, self.hosts, self.env, self.procs = tmp, hosts, env, {}
         self.services = compose(env)["services"]
-        self.ports = {"mlflow": free_port(), "prefect-server": free_port(), "worker": free_port()}
+        self.ports = {"mlflow": free_port(), "prefect-server": free_port(), "worker": free_port(), "dask": free_port()}
 
     def proc_env(self, service: str, **extra: str) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)  # mlflow/prefect/torchcycle scripts of this venv
@@ -202,6 +209,7 @@ class Stack:
         return {
             "PREFECT_API_URL": f"http://prefect-server:{self.ports['prefect-server']}/api",
             "MLFLOW_TRACKING_URI": f"http://mlflow:{self.ports['mlflow']}",
+            "TORCHCYCLE_DASK_ADDRESS": f"tcp://dask-scheduler:{self.ports['dask']}",
         }
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
@@ -294,9 +302,32 @@ def stack(databases: dict[str, str], hosts_file: Path, tmp_path_factory) -> Iter
                 lambda service=service: st.log(service),
                 st.procs,
             )
+        _start_dask(st)
         yield st
     finally:
         st.stop_all()
+
+
+def _start_dask(st: Stack) -> None:
+    """The compose file's dask-scheduler and dask-worker (2 processes), by service name, until both compose
+    healthchecks pass: the worker's scheduled scoring runs its units there (TORCHCYCLE_DASK_ADDRESS)."""
+    port = str(st.ports["dask"])
+    sched, work = st.services["dask-scheduler"], st.services["dask-worker"]
+    st.start(
+        "dask-scheduler",
+        _swap(sched["command"], {"--host": "127.0.0.1", "--port": port}),
+        st.proc_env("dask-scheduler"),
+    )
+    worker_cmd = [c.replace("dask-scheduler:8786", f"dask-scheduler:{port}") for c in work["command"]]
+    worker_env = st.proc_env("dask-worker", HOSTNAME="dask-worker-1", DASK_WORKER_MEMORY="2GiB")
+    st.start("dask-worker", worker_cmd, worker_env)
+    for service, env in (("dask-scheduler", worker_env), ("dask-worker", worker_env)):
+        test = st.services[service]["healthcheck"]["test"]
+        check = ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else [str(c) for c in test[1:]]
+        check = [_local_path(c).replace("dask-scheduler:8786", f"dask-scheduler:{port}") for c in check]
+        check = [c.replace("/app/docker/", f"{ROOT}/docker/") for c in check]
+        _wait(f"{service} healthcheck", lambda check=check, env=env: st.run(check, env, timeout=30).returncode == 0,
+              180, lambda service=service: st.log(service), st.procs)  # fmt: skip
 
 
 def _local_path(arg: str) -> str:
@@ -582,6 +613,111 @@ def test_redeploy_applies_what_was_given_and_says_what_changed(stack: Stack) -> 
     assert "Traceback" not in refused.stderr
 
 
+# The scoring flow's drift event, sent as it sends it: emit_event from its own process, at PREFECT_API_URL.
+def _drift_events(st: Stack, name: str) -> list[dict]:
+    """The drift events of model `name` that the server has stored."""
+    body = {
+        "filter": {
+            "event": {"name": ["torchcycle.drift.detected"]},
+            "resource": {"labels": {"torchcycle.model.name": [name]}},
+        }
+    }
+    return _prefect(st, "POST", "/events/filter", json=body).json()["events"]
+
+
+def test_drift_events_start_one_retrain_per_cooldown_through_the_automation(stack: Stack) -> None:
+    """`torchcycle deploy` makes the automation retrain-on-drift-NAME; drift events of NAME's scoring start the
+    retrain deployment through it, on the worker, once per cool-down window. Nothing triggers it by hand."""
+    name, pool = f"{MODEL}-drift", f"{POOL}-drift"
+    tmp = stack.tmp / "drift"
+    (tmp / "training").mkdir(parents=True)
+    _wine(150, seed=0).to_parquet(tmp / "training" / "day1.parquet")
+    config = tmp / "drift.yaml"  # a model of its own: the first retrain has something new to register
+    config.write_text(
+        f"name: {name}\nexperiment: prod-drift\ndata: {{source: 'file:{tmp}/training/*.parquet', target: target}}\n"
+        "model: {kind: mlp, hidden: [16]}\ntrain: {epochs: 5, patience: 0, lr: 0.01}\n"
+        "deployment: {drift_cooldown: 60s}\n"  # long enough to hold while this test runs, short as such
+    )
+    deploy = ["torchcycle", "deploy", "--pool", pool, "--source", str(ROOT), "--config", str(config), "--model", name]
+    deploy += ["--score-input", str(tmp / "in"), "--score-output", str(tmp / "out")]
+    deploy += ["--retrain-schedule", "off", "--score-schedule", "off"]  # every run below is the automation's
+    env = stack.proc_env("worker", PREFECT_WORKER_QUERY_SECONDS="1")
+    done = stack.run(deploy, env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"deployed retrain-on-drift-{name}: automation created, cool-down 60 s" in done.stdout, done.stdout
+    since = pd.Timestamp.now(tz="UTC")
+    body = {"automations": {"name": {"any_": [f"retrain-on-drift-{name}"]}}}
+    (automation,) = _prefect(stack, "POST", "/automations/filter", json=body).json()
+    dep = _prefect(stack, "GET", "/deployments/name/retrain/retrain").json()
+    assert automation["trigger"]["expect"] == ["torchcycle.drift.detected"]
+    assert automation["trigger"]["match"] == {"torchcycle.model.name": name}
+    assert automation["trigger"]["within"] == 60.0 and automation["trigger"]["threshold"] == 1
+    assert [(a["type"], a["deployment_id"]) for a in automation["actions"]] == [("run-deployment", dep["id"])]
+    assert dep["schedules"] == []
+    stack.start("drift-worker", ["prefect", "worker", "start", "--pool", pool, "--type", "process"], env)
+    logs = lambda: stack.log("drift-worker") + stack.log("prefect-server")  # noqa: E731
+
+    def runs() -> list[dict]:
+        return [r for r in _flow_runs(stack, "retrain/retrain") if pd.Timestamp(r["created"]) > since]
+
+    # the champion the scoring uses, trained from the CLI as a user does (v1); then new training data lands
+    trained = stack.run(["torchcycle", "train", "--config", str(config), "--json"], env)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    _wine(150, seed=1).to_parquet(tmp / "training" / "day2.parquet")
+    (tmp / "in").mkdir()
+    sd = _wine(150, seed=0).drop(columns=["target"]).std()
+
+    def score_shifted(file: str, seed: int) -> None:
+        """`torchcycle predict` of a day whose inputs moved by one standard deviation: the scoring flow itself
+        emits torchcycle.drift.detected (nothing is emitted by hand)."""
+        shifted = _wine(1200, seed=seed, with_target=False)  # >= drift.min_rows: judged
+        shifted[sd.index] = shifted[sd.index] + sd
+        shifted.to_parquet(tmp / "in" / file)
+        cmd = [
+            "torchcycle",
+            "predict",
+            "-m",
+            name,
+            "-i",
+            str(tmp / "in" / file),
+            "-o",
+            str(tmp / f"{file}.out.parquet"),
+        ]
+        done = stack.run(cmd, env)
+        assert done.returncode == 0 and "drift  drift:" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+    score_shifted("a.parquet", 5)
+    (run,) = _wait("the automation's retrain run", runs, 60, logs, stack.procs)
+    # made by the automation, not by the scheduler or by hand
+    assert run["created_by"] == {"id": automation["id"], "type": "AUTOMATION", "display_value": automation["name"]}
+    assert run["auto_scheduled"] is False and run["idempotency_key"].startswith(f"automation {automation['id']}")
+    # the worker deploys again on its restart: the automation, and its open window, stay as they are
+    again = stack.run(deploy, env)
+    assert f"deployed retrain-on-drift-{name}: automation unchanged, cool-down 60 s" in again.stdout, again.stdout
+    assert [a["id"] for a in _prefect(stack, "POST", "/automations/filter", json=body).json()] == [automation["id"]]
+    # one more drifted file, still inside the window
+    score_shifted("b.parquet", 6)
+    _wait("the server to store both drift events", lambda: len(_drift_events(stack, name)) == 2, 60, logs)
+    (event,) = _drift_events(stack, name)[:1]
+    assert event["resource"]["torchcycle.model.version"] == "1" and event["payload"]["max_psi"] >= 0.25
+    finished = _wait(
+        "the retrain to complete",
+        lambda: [r for r in runs() if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")],
+        240,
+        logs,
+        stack.procs,
+    )
+    assert finished[0]["state_type"] == "COMPLETED", _logs(stack, [run["id"]])
+    time.sleep(3)  # the triggers service has had the third event for seconds by now
+    assert [r["id"] for r in runs()] == [run["id"]], "a drift event inside the cool-down started another retrain"
+    # the retrain trained and registered the config's model (a fresh name: something new to register)
+    versions = _mlflow(stack, "model-versions/search", filter=f"name='{name}'").json().get("model_versions", [])
+    assert sorted(v["version"] for v in versions) == ["1", "2"], _logs(stack, [run["id"]])  # v2: the retrain's
+    stack.stop("drift-worker")
+    server_log = (stack.tmp / "prefect-server.log").read_text(errors="replace")  # triggers and actions ran cleanly
+    assert "Traceback" not in server_log and "| ERROR" not in server_log, server_log[-4000:]
+
+
 def test_serve_without_a_server_starts_one_whose_scheduler_fires(stack: Stack) -> None:
     """`torchcycle serve` with no PREFECT_API_URL; MLflow as in production. SIGTERM stops both."""
     tmp = stack.tmp
@@ -616,6 +752,12 @@ def test_serve_without_a_server_starts_one_whose_scheduler_fires(stack: Stack) -
     api = f"http://127.0.0.1:{port}/api"
     runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=30).json()
     assert {r["auto_scheduled"] for r in runs if r["deployment_id"]} == {True}
+    # serve keeps the same drift automation as deploy, on the served retrain deployment
+    said = (tmp / "serve.log").read_text(errors="replace")
+    assert f"serving retrain-on-drift-{MODEL}-serve: automation created, cool-down 86400 s" in said, said[:3000]
+    (automation,) = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    retrain = httpx.get(f"{api}/deployments/name/retrain/retrain", timeout=30).json()
+    assert [a["deployment_id"] for a in automation["actions"]] == [retrain["id"]]
     serve.send_signal(signal.SIGTERM)
     serve.wait(timeout=60)
     stack.procs.pop("serve")

@@ -10,7 +10,18 @@
    (a) and (b) alternate, best of --repeats each, so both see the same machine load.
 3. Peak RSS of the scoring path on ROWS and on BIG_ROWS, each in a fresh process.
 
-Prints times, the b/a ratio (goal <= 2.0), rows/s and the RSS ratio big/small (goal <= 1.3).
+   (b+) the same scoring path counting drift against the model's reference in every batch, as the scoring
+       flow does; alternated with (a) and (b).
+Prints times, the b/a ratio (goal <= 2.0), the drift cost (b+)/b (goal <= 1.10), rows/s and the RSS ratio
+big/small (goal <= 1.3).
+
+    python bench/bench_predict.py --distributed [--files 16] [--rows 1000000] [--workers 2]
+
+4. Distributed: FILES Parquet files of ROWS rows each, scored into a directory (c) in one process
+   (`Scorer.score`), and through the scoring flow on a local Dask cluster of (d) 1 worker and (e) WORKERS
+   workers (processes, one thread each), the cluster started and the model loaded on every worker
+   beforehand (a running cluster's steady state). Prints times, d/e (goal >= 1.6 with 2 workers), the peak
+   RSS of each worker while scoring, and checks that every output equals the single-process one.
 """
 
 from __future__ import annotations
@@ -72,15 +83,22 @@ def train(work: Path, uri: str) -> None:
     print(f"trained {summary.model_uri}: test_accuracy {summary.metrics['test_accuracy']:.4f}", flush=True)
 
 
-def load_scorer(uri: str, work: Path):
+def load_scorer(uri: str, work: Path, drift: bool = False):
+    """The Scorer `torchcycle predict` runs; `drift`: also counting every batch against the model's drift
+    reference, as the scoring flow does (without: the scoring path alone)."""
     from mlflow.tracking import MlflowClient
 
     from torchcycle.registry import ModelRef, resolve_model
-    from torchcycle.tasks.score import Scorer, load_model_task
+    from torchcycle.tasks.score import load_model_task
 
     model = resolve_model(MlflowClient(uri), ModelRef.parse(f"{NAME}/1"))
     loaded = load_model_task.fn(uri, model)  # the task's plain function: same code, no Prefect run
-    return Scorer(loaded.predict, loaded.expected, model, progress=False)
+    scorer, counts = loaded.scorer(model, (), 65_536)
+    assert counts is not None, "the model carries no drift reference"
+    scorer.progress = False
+    if not drift:
+        scorer.observe = None
+    return scorer
 
 
 def features_only(src: Path, dst: Path) -> None:
@@ -150,16 +168,134 @@ def child(uri: str, work: Path, src: Path) -> None:
     print(json.dumps({"seconds": seconds, "peak_mib": max(peak[0], _rss_mib()), "before_mib": before}))
 
 
+def _worker_rss() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _load_on_worker(uri: str, model) -> str:
+    from torchcycle.tasks.score import worker_model
+
+    worker_model(uri, model)
+    return "loaded"
+
+
+def time_distributed(uri: str, model, folder: Path, out: Path, workers: int) -> tuple[float, dict[str, float]]:
+    """Seconds of the scoring flow on a fresh local cluster of `workers` processes (model preloaded on each),
+    and each worker's peak RSS (MiB) sampled every 50 ms while it scores."""
+    import logging
+    import shutil
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from torchcycle.flows.scoring import score_files
+
+    shutil.rmtree(out, ignore_errors=True)
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,  # fmt: skip
+        Client(cluster) as client,
+    ):
+        client.run(_load_on_worker, uri, model)
+        peaks: dict[str, float] = {}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                for addr, mib in client.run(_worker_rss).items():
+                    peaks[addr] = max(peaks.get(addr, 0.0), mib)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t = time.perf_counter()
+        result = score_files(f"{NAME}/1", str(folder), str(out), dask=cluster.scheduler_address, tracking_uri=uri)
+        seconds = time.perf_counter() - t
+        done.set()
+        sampler.join()
+    assert result.rows == sum(_rows(p) for p in folder.iterdir()), "rows out != rows in"
+    return seconds, peaks
+
+
+def _same_outputs(a: Path, b: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        pq.read_table(a / n).equals(pq.read_table(b / n)) for n in names
+    )
+
+
+def distributed(args: argparse.Namespace) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from torchcycle.registry import ModelRef, resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+        print(f"writing {args.files} files x {args.rows:,} rows x {N_FEATURES} float features ...", flush=True)
+        make_data(work / "small.parquet", args.rows, seed=0)
+        folder = work / "in"
+        folder.mkdir(exist_ok=True)
+        for i in range(args.files):
+            make_data(work / "tmp.parquet", args.rows, seed=100 + i)
+            features_only(work / "tmp.parquet", folder / f"part-{i:03d}.parquet")
+        (work / "tmp.parquet").unlink()
+        train(work, uri)
+        model = resolve_model(MlflowClient(uri), ModelRef.parse(f"{NAME}/1"))
+
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            os.environ["PREFECT_API_URL"] = _harness_url()  # the workers report to the same API
+            scorer = load_scorer(uri, work, drift=True)  # the flow counts drift on every path
+            t = time.perf_counter()
+            single = scorer.score(sorted(folder.iterdir()), work / "out-single")
+            tc = time.perf_counter() - t
+            td, _peaks1 = time_distributed(uri, model, folder, work / "out-1", 1)
+            te, peaks = time_distributed(uri, model, folder, work / "out-n", args.workers)
+            same = _same_outputs(work / "out-single", work / "out-n") and _same_outputs(work / "out-1", work / "out-n")
+
+    n = single.rows
+    print()
+    print(f"{'path':<52}{'seconds':>10}{'rows/s':>14}")
+    print(f"{'(c) one process, Scorer.score':<52}{tc:>10.2f}{n / tc:>14,.0f}")
+    print(f"{'(d) scoring flow on Dask, 1 worker':<52}{td:>10.2f}{n / td:>14,.0f}")
+    print(f"{f'(e) scoring flow on Dask, {args.workers} workers':<52}{te:>10.2f}{n / te:>14,.0f}")
+    print(f"ratio d/e = {td / te:.2f}   (goal >= 1.6 with 2 workers);   c/e = {tc / te:.2f}")
+    for addr, mib in sorted(peaks.items()):
+        print(f"peak RSS of worker {addr}: {mib:.0f} MiB")
+    print(f"outputs identical to the single-process ones: {same}")
+
+
+def _harness_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--big-rows", type=int, default=4_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    ap.add_argument("--distributed", action="store_true", help="the Dask rows (4. above) instead")
+    ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--child", nargs=3, metavar=("URI", "WORK", "SRC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    if args.distributed:
+        distributed(args)
+        return
     if args.child:
         uri, work, src = args.child
         child(uri, Path(work), Path(src))
@@ -177,14 +313,16 @@ def main() -> None:
         os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
         train(work, uri)
 
-        scorer = load_scorer(uri, work)
+        scorer, drifting = load_scorer(uri, work), load_scorer(uri, work, drift=True)
         src = work / "small_x.parquet"
         time_scoring(scorer, src, work / "warm.parquet")  # warm-up: page cache, allocator, torch threads
-        a, b = [], []
+        time_scoring(drifting, src, work / "warm.parquet")
+        a, b, c = [], [], []
         for _ in range(args.repeats):
             a.append(time_pyarrow(src, work / "copy.parquet"))
             b.append(time_scoring(scorer, src, work / "scored.parquet"))
-        ta, tb = min(a), min(b)
+            c.append(time_scoring(drifting, src, work / "scored.parquet"))
+        ta, tb, tc = min(a), min(b), min(c)
 
         rss = {}
         for label, path in (("small", src), ("big", work / "big_x.parquet")):
@@ -201,7 +339,9 @@ def main() -> None:
     print(f"{'path':<44}{'seconds':>10}{'rows/s':>14}")
     print(f"{'(a) pyarrow read_table + write_table':<44}{ta:>10.3f}{n / ta:>14,.0f}")
     print(f"{'(b) torchcycle scoring (stream+check+predict)':<44}{tb:>10.3f}{n / tb:>14,.0f}")
+    print(f"{'(b+) the same, counting drift per batch':<44}{tc:>10.3f}{n / tc:>14,.0f}")
     print(f"ratio b/a = {tb / ta:.2f}   (goal <= 2.0; best of {args.repeats}, alternated)")
+    print(f"drift cost (b+)/b = {tc / tb:.3f}   (goal <= 1.10)")
     print()
     for label, rows in (("small", args.rows), ("big", args.big_rows)):
         r = rss[label]

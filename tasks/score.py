@@ -229,10 +229,14 @@ class Scorer:
 
     def score_unit(self, unit: WorkUnit, part: Path) -> UnitResult:
         """Score one work unit into its own part file, written atomically (a retry rewrites the same part)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         path = Path(unit.input)
-        with atomic_parquet(part) as write:
+        with ThreadPoolExecutor(1) as pool, atomic_parquet(part) as write:
+            # the file's first unit hashes it, on a second thread while it scores (as _score_file does)
+            digest = pool.submit(file_digest, path) if unit.first_row == 0 else None
             rows = self._score_rows(path, write, unit.row_groups, unit.first_row)
-        return UnitResult(unit, str(part), rows, file_digest(path) if unit.first_row == 0 else "")
+        return UnitResult(unit, str(part), rows, digest.result() if digest is not None else "")
 
     def _score_rows(
         self,

@@ -275,6 +275,7 @@ def test_a_worker_killed_mid_run_completes_or_leaves_nothing(
     cluster.kill("worker2")
     thread.join(300)
     assert not thread.is_alive()
+    print("killed worker:", "completed" if "result" in outcome else f"failed: {outcome['error']!r}"[:300])
     if "result" in outcome:  # Dask reran the lost units on the other worker
         whole = score_files(NAME, str(folder), str(tmp_path / "whole.parquet"), tracking_uri=uri)
         assert outcome["result"].rows == whole.rows == 8 * 60_000

@@ -18,6 +18,7 @@ from torchcycle.config import ScheduleSpec, load_config
 from torchcycle.flows.scoring import score_files
 from torchcycle.flows.training import Unchanged, training_flow
 from torchcycle.registry import ModelRef
+from torchcycle.tasks.drift import EVENT
 from torchcycle.tasks.score import plan_scoring_task
 from torchcycle.tracking import resolve_tracking_uri
 
@@ -224,7 +225,7 @@ def read_existing(names: tuple[tuple[str, str], ...]) -> dict[str, list[Any]]:
 
 
 # ---- retrain on drift: a Prefect automation -----------------------------------------------------------------
-DRIFT_EVENT = "torchcycle.drift.detected"  # the scoring flow's, when a scored batch drifted from the training data
+DRIFT_EVENT = EVENT  # the scoring flow's (tasks/drift.py), when a scored batch drifted from the training data
 DEFAULT_DRIFT_COOLDOWN_S = 86400.0  # one retrain per drifted day, however many files were scored that day
 DRIFT_TAG = "retrain-on-drift"  # marks the automations deploy manages (and may remove)
 

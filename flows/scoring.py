@@ -34,6 +34,7 @@ from torchcycle.tasks.score import (
 from torchcycle.tracking import flow_run_id, resolve_tracking_uri, tracked_run, use_tracking_uri
 
 SCORING_EXPERIMENT = "scoring"
+WORKER_WAIT_S = 60  # a scheduler with no worker by then: the run stops (exit 3) instead of waiting for ever
 DASK_CONNECT_TIMEOUT_S = 15  # a scheduler that does not answer by then is down (exit 3)
 
 
@@ -137,7 +138,8 @@ def _score_units(
 ) -> ScoreResult:
     """Map score_unit_task over the work units (on the flow's task runner), then commit what is whole."""
     start = time.perf_counter()
-    units, skipped = pending_units(inputs, output, model, unit_rows)
+    units, skipped = pending_units(inputs, output, model, unit_rows, batch_rows)
+    _wait_for_a_worker()
     staging = staging_dir(output)
     remove_stale_parts(output)
     try:
@@ -145,8 +147,38 @@ def _score_units(
             score_unit_task.submit(uri, model, u, str(staging / f"{u.index:06d}.parquet"), id_cols, batch_rows)
             for u in units
         ]
-        outcomes = [(u, f.result(raise_on_failure=False)) for u, f in zip(units, futures, strict=True)]
+        outcomes = [(u, _outcome(f)) for u, f in zip(units, futures, strict=True)]
         seconds = time.perf_counter() - start
         return commit_outputs_task(model, inputs, outcomes, skipped, output, seconds, loaded.reference)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _outcome(future: Any) -> Any:
+    """A unit's result or its error. Every future is awaited, also after a lost worker (Dask raises its own
+    errors, KilledWorker say, from result()), so no unit still writes into the parts when they are removed."""
+    import asyncio
+
+    try:
+        return future.result(raise_on_failure=False)
+    except (Exception, asyncio.CancelledError) as err:  # handed to commit_outputs, which raises it; Ctrl-C is not
+        return err
+
+
+def _wait_for_a_worker() -> None:
+    """With a Dask task runner: at least one worker has joined, else ServiceDown (the units would wait for
+    ever on a scheduler whose workers are all gone)."""
+    from prefect.context import FlowRunContext
+
+    from torchcycle.errors import ServiceDown
+
+    ctx = FlowRunContext.get()
+    client = getattr(ctx.task_runner, "client", None) if ctx is not None else None
+    if client is None or not hasattr(client, "wait_for_workers"):
+        return
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise ServiceDown(
+            f"no Dask worker joined the scheduler at {client.scheduler.address} within {WORKER_WAIT_S} s"
+        ) from None

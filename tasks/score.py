@@ -35,6 +35,7 @@ from torchcycle.tables import (
     file_digest,
     find_inputs,
     open_batches,
+    pack_rows,
     row_group_sizes,
     write_frame,
 )
@@ -313,24 +314,20 @@ class UnitResult:
     counts: Any = None  # the unit's drift counts (JSON-able), merged by the flow
 
 
-def row_group_spans(sizes: list[int], unit_rows: int) -> list[tuple[tuple[int, ...], int]]:
-    """Consecutive row groups packed into units of at most `unit_rows` rows (a larger group is a unit of its
-    own): [(groups, first row)]."""
+def row_group_spans(sizes: list[int], unit_rows: int, batch_rows: int) -> list[tuple[tuple[int, ...], int]]:
+    """Row groups -> units of whole read packs (torchcycle.tables.pack_rows at `batch_rows`, as scoring reads
+    them) of at most `unit_rows` rows (a larger pack is a unit of its own): [(groups, first row)]."""
+    packs = pack_rows(sizes, batch_rows)
     spans: list[tuple[tuple[int, ...], int]] = []
-    groups: list[int] = []
-    first = rows = 0
-    for i, n in enumerate(sizes):
-        if groups and rows + n > unit_rows:
-            spans.append((tuple(groups), first))
-            first, groups, rows = first + rows, [], 0
-        groups.append(i)
-        rows += n
-    if groups:
-        spans.append((tuple(groups), first))
+    first = 0
+    for run in pack_rows([sum(sizes[i] for i in pack) for pack in packs], unit_rows):
+        groups = tuple(g for k in run for g in packs[k])
+        spans.append((groups, first))
+        first += sum(sizes[g] for g in groups)
     return spans
 
 
-def plan_units(pairs: list[tuple[Path, Path]], unit_rows: int) -> list[WorkUnit]:
+def plan_units(pairs: list[tuple[Path, Path]], unit_rows: int, batch_rows: int = DEFAULT_BATCH_ROWS) -> list[WorkUnit]:
     """(input, output file) pairs -> work units in input order. A Parquet file of more than `unit_rows`
     rows is split by row groups; a CSV file (no cheap split points) or a file whose footer cannot be read
     (its unit then fails with the reader's error, naming the file) is one unit."""
@@ -342,24 +339,31 @@ def plan_units(pairs: list[tuple[Path, Path]], unit_rows: int) -> list[WorkUnit]
                 sizes = row_group_sizes(src)
             except DataError:
                 sizes = []
-        if sum(sizes) <= unit_rows or len(sizes) < 2:
+        # absolute: workers elsewhere (a Dask cluster) do not share this process's working directory
+        src, target = src.absolute(), target.absolute()
+        spans = row_group_spans(sizes, unit_rows, batch_rows) if sum(sizes) > unit_rows else []
+        if len(spans) < 2:
             units.append(WorkUnit(str(src), str(target), len(units)))
             continue
-        for groups, first in row_group_spans(sizes, unit_rows):
+        for groups, first in spans:
             units.append(WorkUnit(str(src), str(target), len(units), groups, first))
     return units
 
 
 def pending_units(
-    inputs: list[Path], output: Path, model: ResolvedModel, unit_rows: int
+    inputs: list[Path], output: Path, model: ResolvedModel, unit_rows: int, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> tuple[list[WorkUnit], list[FileResult]]:
     """The work units still to score, and the inputs skipped because this version already scored them
     (directory output: their file exists)."""
     pairs = output_targets(inputs, output, model)
     done = output_is_directory(output)
-    skipped = [FileResult(str(a), str(b), 0, file_digest(a), skipped=True) for a, b in pairs if done and b.exists()]
+    skipped = [
+        FileResult(str(a.absolute()), str(b.absolute()), 0, file_digest(a), skipped=True)
+        for a, b in pairs
+        if done and b.exists()
+    ]
     todo = [(a, b) for a, b in pairs if not (done and b.exists())]
-    return plan_units(todo, unit_rows), skipped
+    return plan_units(todo, unit_rows, batch_rows), skipped
 
 
 def _staging_anchor(output: Path) -> Path:
@@ -375,7 +379,7 @@ def staging_dir(output: Path) -> Path:
     """Where the parts of one run wait for their commit: a hidden directory of this writer's own beside the
     output file (or inside the output directory), on the same file system, so a part moves in by rename.
     Named like torchcycle.atomic's temps, so a killed run's leftovers are removed by the next run."""
-    return temp_path(_staging_anchor(output))
+    return temp_path(_staging_anchor(output.absolute()))
 
 
 def commit_parts(target: Path, parts: list[Path]) -> None:
@@ -442,8 +446,8 @@ def commit_outputs(
             f"{len(refused)} of {len(inputs)} file(s) refused ({scored} scored, their outputs "
             "are written): " + "; ".join(refused)
         )
-    order = {str(p): i for i, p in enumerate(inputs)}
-    files.sort(key=lambda f: order.get(f.input, len(order)))
+    order = {str(Path(p).absolute()): i for i, p in enumerate(inputs)}
+    files.sort(key=lambda f: order.get(str(Path(f.input).absolute()), len(order)))
     drift = counts.to_dict() if counts is not None else None
     return ScoreResult(model, tuple(files), seconds, str(output), drift_counts=drift)
 
@@ -469,6 +473,7 @@ def summary_markdown(result: ScoreResult) -> str:
 
 # ---- Prefect task wrappers ----------------------------------------------------------------------
 from prefect import get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from torchcycle.retry import io_task_options  # noqa: E402
 from torchcycle.tracking import load_registered  # noqa: E402
@@ -641,7 +646,8 @@ def score_unit_task(
     return replace(result, counts=counts.to_dict()) if counts is not None else result
 
 
-@task(name="commit-outputs", **io_task_options())
+# No retries: a commit is local renames, and a retry after a part was moved would find it gone.
+@task(name="commit-outputs", cache_policy=NO_CACHE)
 def commit_outputs_task(
     model: ResolvedModel,
     inputs: list[Path],

@@ -167,6 +167,10 @@ def _classify(err: BaseException) -> tuple[str, int] | None:
         assert isinstance(err, OSError)
         where = err.filename or "a file"
         return f"cannot use {where}: {err.strerror or type(err).__name__}", EXIT_BAD_INPUT
+    dask_lost = (*_loaded("distributed", "KilledWorker"), *_loaded("distributed.comm.core", "CommClosedError"))
+    if isinstance(err, (*_loaded("torchcycle.errors", "ServiceDown"), *dask_lost)):
+        what = "a Dask worker or the scheduler was lost" if isinstance(err, dask_lost) else "a service is down"
+        return f"{what} ({_first_line(err)}); try again later", EXIT_SERVICE_DOWN
     if is_lock_timeout(err):
         return (
             f"the tracking store {resolve_tracking_uri()} stayed locked by another process, after retries; "
@@ -304,7 +308,8 @@ def predict(
 ) -> None:
     """Batch-score files with a registered model into Parquet (written atomically), here or on Dask."""
     _setup_env()
-    dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
+    if dask is None and not workers:  # an explicit --workers wins over the environment's scheduler
+        dask = os.environ.get(DASK_ENV) or None
     if workers and dask:
         raise _fail(f"--workers starts a local Dask cluster; --dask (or ${DASK_ENV}) names one: give one of them")
     if dask is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torchcycle.runtime.types import DataError
 
-__all__ = ["ConfigError", "DataError", "StorageError"]
+__all__ = ["ConfigError", "DataError", "ServiceDown", "StorageError"]
 
 
 class ConfigError(ValueError):
@@ -15,3 +15,8 @@ class ConfigError(ValueError):
 class StorageError(DataError):
     """A file could not be read or written (read-only, a directory, no space): names the path and the cause.
     Not transient: a retry meets the same file system."""
+
+
+class ServiceDown(RuntimeError):
+    """A service the command needs is not there (a Dask scheduler without workers, say): worth trying again
+    later, exit code 3."""

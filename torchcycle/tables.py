@@ -160,8 +160,8 @@ def open_batches(
     """(schema, record batches, row count if known) for a CSV or Parquet file; read errors become DataError.
 
     `row_groups`: only these row groups of a Parquet file (a work unit of distributed scoring); None: all.
-    Batches never cross a row group, so a file scored whole and the same file scored as units of row
-    groups go through the model in the same batches (the same floating-point results, bit for bit).
+    Row groups are read in packs (`_group_batches`), so a file scored whole and the same file scored as units
+    of packs go through the model in the same batches (the same floating-point results, bit for bit).
 
     CSV columns the model does not use are carried as the text they hold: a guessed type would turn the ID
     00042 into 42, round a 20-digit ID through float64, or fail on text after 100,000 empty rows."""
@@ -193,9 +193,30 @@ def open_batches(
             pf.close()
 
 
+def pack_rows(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Positions of consecutive `sizes` packed greedily into runs of at most `limit` rows (a larger one is a
+    run of its own; empty ones join their neighbours, so no run is empty but for an all-empty input)."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i, n in enumerate(sizes):
+        if current and rows > 0 and n > 0 and rows + n > limit:
+            runs.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    if current:
+        runs.append(current)
+    return runs
+
+
 def _group_batches(pf: pq.ParquetFile, groups: list[int], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    for group in groups:
-        yield from pf.iter_batches(batch_size=batch_rows, row_groups=[group])
+    """Row groups read in packs of up to `batch_rows` rows: small groups make full batches, and a read never
+    crosses a pack. Packing is greedy from the first group, so a unit that starts at a pack boundary
+    (tasks.score.plan_units) reads the same packs, and the same batches, as the whole file does."""
+    sizes = [pf.metadata.row_group(g).num_rows for g in groups]
+    for pack in pack_rows(sizes, batch_rows):
+        yield from pf.iter_batches(batch_size=batch_rows, row_groups=[groups[i] for i in pack])
 
 
 def row_group_sizes(path: Path) -> list[int]:

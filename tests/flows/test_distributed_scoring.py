@@ -49,10 +49,32 @@ def _parquet(frame: pd.DataFrame, path: Path, row_group_size: int) -> Path:
 
 
 # ---- plain functions ------------------------------------------------------------------------------
-def test_row_groups_are_packed_into_units_in_order() -> None:
-    assert row_group_spans([10, 10, 10, 10, 5], 20) == [((0, 1), 0), ((2, 3), 20), ((4,), 40)]
-    assert row_group_spans([50, 10], 20) == [((0,), 0), ((1,), 50)]  # a group larger than a unit: its own unit
-    assert row_group_spans([], 20) == []
+def test_row_groups_are_packed_into_units_of_whole_read_packs_in_order() -> None:
+    # read packs of <= 20 rows: (0,1) (2,3) (4); units of <= 40 rows made of whole packs
+    assert row_group_spans([10, 10, 10, 10, 5], 40, 20) == [((0, 1, 2, 3), 0), ((4,), 40)]
+    assert row_group_spans([10, 10, 10, 10, 5], 20, 20) == [((0, 1), 0), ((2, 3), 20), ((4,), 40)]
+    # a unit never splits a pack: packs of 30 (3 groups) cannot fit units of 20
+    assert row_group_spans([10, 10, 10, 10, 10, 10], 20, 30) == [((0, 1, 2), 0), ((3, 4, 5), 30)]
+    assert row_group_spans([50, 10], 20, 20) == [((0,), 0), ((1,), 50)]  # larger than a unit: its own unit
+    assert row_group_spans([0, 0, 30, 0], 20, 10) == [((0, 1, 2, 3), 0)]  # empty groups join a neighbour
+    assert row_group_spans([], 20, 20) == []
+
+
+def test_small_row_groups_are_read_in_full_batches(tmp_path: Path) -> None:
+    """A file of many small row groups (a streaming writer's) is read in batches of --batch-rows, not a batch
+    per group; a unit of whole packs reads exactly the batches the whole file does."""
+    from torchcycle.tables import open_batches
+
+    path = _parquet(_rows(1000, 1), tmp_path / "tiny-groups.parquet", 10)  # 100 groups of 10 rows
+    with open_batches(path, {}, 300) as (_, batches, total):
+        whole = [b.num_rows for b in batches]
+    assert total == 1000 and whole == [300, 300, 300, 100]
+    spans = row_group_spans([10] * 100, 600, 300)
+    parts = []
+    for groups, _ in spans:
+        with open_batches(path, {}, 300, groups) as (_, batches, _total):
+            parts += [b.num_rows for b in batches]
+    assert parts == whole
 
 
 def test_plan_units_splits_only_big_parquet_files(tmp_path: Path) -> None:
@@ -63,7 +85,8 @@ def test_plan_units_splits_only_big_parquet_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
     out = tmp_path / "out.parquet"
-    units = plan_units([(big, out), (small, out), (text, out), (broken, out)], unit_rows=50)
+    units = plan_units([(big, out), (small, out), (text, out), (broken, out)], unit_rows=50, batch_rows=25)
+    assert all(Path(u.input).is_absolute() and Path(u.target).is_absolute() for u in units)  # for other hosts
     assert [(Path(u.input).name, u.row_groups, u.first_row) for u in units] == [
         ("big.parquet", (0, 1), 0),
         ("big.parquet", (2, 3), 50),
@@ -202,10 +225,12 @@ def _same(a: Path, b: Path) -> None:
 def test_dask_scoring_matches_single_process_row_for_row(registered: dict, cluster: Cluster, tmp_path: Path) -> None:
     uri = registered["uri"]
     folder = _inputs(tmp_path)
-    single = score_files(NAME, str(folder), str(tmp_path / "single"), tracking_uri=uri, id_cols=["row_id"])
+    single_batch = 8_000  # read packs of 2 row groups: the big file's units are 12,000-row-bounded runs of them
+    single = score_files(NAME, str(folder), str(tmp_path / "single"), tracking_uri=uri, id_cols=["row_id"],
+                         batch_rows=single_batch)  # fmt: skip
     spread = score_files(
         NAME, str(folder), str(tmp_path / "dask"), dask=cluster.address, tracking_uri=uri, id_cols=["row_id"],
-        unit_rows=12_000,
+        unit_rows=12_000, batch_rows=single_batch,
     )  # fmt: skip
     assert spread.rows == single.rows == 40_000 + sum(700 + 50 * i for i in range(5))
     assert [Path(f.input).name for f in spread.files] == [Path(f.input).name for f in single.files]
@@ -215,6 +240,7 @@ def test_dask_scoring_matches_single_process_row_for_row(registered: dict, clust
     assert spread.drift.psi == single.drift.psi and spread.drift.status == "ok"
     for f in single.files:
         _same(Path(f.output), tmp_path / "dask" / Path(f.output).name)
+    assert len([f for f in spread.files if Path(f.input).name == "big.parquet"]) == 1
     big = pd.read_parquet(tmp_path / "dask" / f"big.parquet.{NAME}-v1.parquet")
     assert big["row_id"].tolist() == list(range(90_000_000, 90_040_000))  # input order across the units
     assert not [p for p in (tmp_path / "dask").iterdir() if p.name.startswith(".")]  # no parts left behind
@@ -223,9 +249,10 @@ def test_dask_scoring_matches_single_process_row_for_row(registered: dict, clust
     parquets = str(folder / "*.parquet")
     one = score_files(
         NAME, parquets, str(tmp_path / "all.parquet"), dask=cluster.address, tracking_uri=uri,
-        id_cols=["row_id"], unit_rows=12_000,
+        id_cols=["row_id"], unit_rows=12_000, batch_rows=single_batch,
     )  # fmt: skip
-    whole = score_files(NAME, parquets, str(tmp_path / "whole.parquet"), tracking_uri=uri, id_cols=["row_id"])
+    whole = score_files(NAME, parquets, str(tmp_path / "whole.parquet"), tracking_uri=uri, id_cols=["row_id"],
+                        batch_rows=single_batch)  # fmt: skip
     assert one.rows == whole.rows
     _same(tmp_path / "all.parquet", tmp_path / "whole.parquet")
 
@@ -340,3 +367,34 @@ def test_the_score_deployment_carries_the_dask_scheduler(tmp_path: Path) -> None
     proc = subprocess.run([str(BIN / "torchcycle"), "deploy"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a Dask scheduler address" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_scheduler_without_workers_stops_the_run_instead_of_waiting(
+    registered: dict, tmp_path: Path, monkeypatch
+) -> None:
+    import torchcycle.flows.scoring as scoring
+    from torchcycle.cli import _classify
+    from torchcycle.errors import ServiceDown
+
+    monkeypatch.setattr(scoring, "WORKER_WAIT_S", 3)
+    lonely = Cluster(tmp_path, cli_env())
+    lonely.start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", str(lonely.port), "--no-dashboard"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert lonely.workers() == 0
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        src = _parquet(_rows(50, 1), tmp_path / "in.parquet", 10)
+        with pytest.raises(ServiceDown, match="no Dask worker joined") as err:
+            score_files(NAME, str(src), str(tmp_path / "out.parquet"), dask=lonely.address,
+                        tracking_uri=registered["uri"])  # fmt: skip
+        assert not (tmp_path / "out.parquet").exists()
+        message, code = _classify(err.value)
+        assert code == 3 and "no Dask worker joined" in message
+    finally:
+        lonely.stop()

@@ -360,12 +360,17 @@ def test_the_task_records_an_artifact_and_emits_the_event_to_prefect(tracking_ur
     counts = _counts(reference, train.assign(x=train["x"] + 2))
     report = drift_report(reference, counts)
     model = f"drift-test-{uuid.uuid4().hex[:8]}"
+    # the same shift in 40 rows: recorded, but too few rows to call drift, so no event (no retrain)
+    few = _counts(reference, train.head(40).assign(x=train["x"].head(40) + 2))
+    few_run = client.create_run(client.get_experiment_by_name("scoring").experiment_id).info.run_id
 
     @flow
     def scoring() -> None:
+        record_drift_task(tracking_uri, few_run, model, "1", drift_report(reference, few), reference, few)
         record_drift_task(tracking_uri, run_id, model, "2", report, reference, counts)
 
     scoring()
+    assert client.get_run(few_run).data.tags["drift_status"] == "too-few-rows"
     assert client.get_run(run_id).data.tags["drift_status"] == "drift"
     api = PREFECT_API_URL.value()
     resp = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["drift-report"]}}}, timeout=30)
@@ -381,6 +386,10 @@ def test_the_task_records_an_artifact_and_emits_the_event_to_prefect(tracking_ur
             break
         time.sleep(0.5)
     assert found, "no torchcycle.drift.detected event reached the server"
+    time.sleep(1)  # the first task's event, had it sent one, was stored before the second's
+    found = [e for e in httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
+             if e["resource"].get("torchcycle.model.name") == model]  # fmt: skip
+    assert [e["resource"]["torchcycle.model.version"] for e in found] == ["2"], "too few rows must send no event"
     event = found[0]
     assert event["resource"]["prefect.resource.id"] == f"torchcycle.model-version.{model}.2"
     assert event["payload"]["columns"].keys() == {"x"} and event["payload"]["scoring_run_id"] == run_id

@@ -786,7 +786,17 @@ def _serve(specs, drift) -> None:
         prefect_serve(*deployments)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # 143, as the default action reports it
+
+
 def main() -> None:
+    import signal
+
+    # SIGTERM (kill, docker stop, a scheduler's timeout) unwinds like Ctrl-C: Prefect's temporary API server, a
+    # local Dask cluster and temp files are stopped and removed on the way out. By default the process would
+    # vanish and leave the server running, re-parented to init, for good.
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -70,3 +70,42 @@ def test_train_json_end_to_end(tmp_path: Path) -> None:
     assert result["metrics"]["test_accuracy"] == 1.0
     assert len(result["run_id"]) == 32
     assert "xor-mlp v1" in proc.stdout  # the human summary comes first
+
+
+def test_sigterm_stops_the_temporary_prefect_server_too(tmp_path: Path) -> None:
+    """`kill PID` of a command running on Prefect's temporary API: the command exits 143 and takes the server
+    (a uvicorn child) with it, instead of leaving it running under init."""
+    import signal
+    import time
+
+    import psutil
+
+    config = tmp_path / "long.yaml"
+    config.write_text(
+        "name: sigterm-test\ndata: {source: 'sklearn:digits'}\nmodel: {kind: mlp, hidden: [32]}\n"
+        "train: {epochs: 500, patience: 0}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        TORCHCYCLE_CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+    )
+    cli = Path(sys.executable).parent / "torchcycle"
+    proc = subprocess.Popen([str(cli), "train", "--config", str(config), "--no-cache"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline, servers = time.monotonic() + 180, []
+        while not servers:  # the temporary API: a uvicorn process below the command
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.5)
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            servers = [k for k in kids if "uvicorn" in " ".join(k.cmdline())]
+        time.sleep(3)  # the flow is under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        _gone, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, f"temporary Prefect server left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

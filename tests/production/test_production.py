@@ -434,6 +434,16 @@ def _flow_runs(st: Stack, deployment: str) -> list[dict]:
     return _prefect(st, "POST", "/flow_runs/filter", json=body).json()
 
 
+def _cancel_open_runs(st: Stack, deployment: str) -> None:
+    """Earlier tests share the `retrain/retrain` deployment: a run of theirs still open (its worker stopped
+    mid-run) holds the deployment's one concurrency slot, and a new run would be cancelled (CANCEL_NEW).
+    Cancelling it releases the slot, as a user cancelling a stuck run in the UI does."""
+    for run in _flow_runs(st, deployment):
+        if run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"):
+            body = {"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True}
+            _prefect(st, "POST", f"/flow_runs/{run['id']}/set_state", json=body).raise_for_status()
+
+
 def _logs(st: Stack, run_ids: list[str]) -> str:
     body = {"logs": {"flow_run_id": {"any_": run_ids}}, "limit": 200}
     return "\n".join(entry["message"] for entry in _prefect(st, "POST", "/logs/filter", json=body).json())
@@ -644,6 +654,7 @@ def test_drift_events_start_one_retrain_per_cooldown_through_the_automation(stac
     env = stack.proc_env("worker", PREFECT_WORKER_QUERY_SECONDS="1")
     done = stack.run(deploy, env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _cancel_open_runs(stack, "retrain/retrain")  # schedules are off now: nothing of earlier tests starts again
     assert f"deployed retrain-on-drift-{name}: automation created, cool-down 60 s" in done.stdout, done.stdout
     since = pd.Timestamp.now(tz="UTC")
     body = {"automations": {"name": {"any_": [f"retrain-on-drift-{name}"]}}}

@@ -1,4 +1,4 @@
-"""Scheduled deployments: `retrain` (default nightly) and `score` (default hourly).
+"""Scheduled deployments: `retrain` (default nightly), `score` (default hourly) and `tune` (on demand).
 
 `torchcycle serve` runs them in-process on one machine; `torchcycle deploy` registers them with the
 Prefect server at PREFECT_API_URL on a process work pool, for `prefect worker start` to pick up.
@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 
 from torchcycle.config import ScheduleSpec, load_config
 from torchcycle.flows.scoring import score_files
-from torchcycle.flows.training import Unchanged, training_flow
+from torchcycle.flows.training import TrainingSummary, Unchanged, training_flow
+from torchcycle.flows.tuning import tune_study
 from torchcycle.registry import ModelRef
 from torchcycle.tasks.drift import EVENT
 from torchcycle.tasks.score import plan_scoring_task
@@ -25,6 +26,7 @@ from torchcycle.tracking import resolve_tracking_uri
 DEFAULT_SCHEDULES = {
     "retrain": ScheduleSpec("cron", "0 2 * * *", "UTC"),  # nightly, 02:00 UTC
     "score": ScheduleSpec("cron", "0 * * * *", "UTC"),  # hourly
+    "tune": ScheduleSpec("off"),  # a study is started when someone asks for one (UI, API, or a schedule set)
 }
 
 
@@ -80,6 +82,31 @@ def score(
     }
 
 
+@flow(name="tune")
+def tune(
+    config_path: str = "configs/digits_cnn.yaml",
+    overrides: list[str] | None = None,
+    trials: int = 20,
+    parallel: int = 1,
+    study: str | None = None,
+    timeout: float | None = None,
+    dask: str | None = None,
+) -> dict[str, Any]:
+    """An Optuna study of the config's tune.space (README: Tuning), then its winner trained, registered and
+    gated. `study`: resume or extend that study (None: a new one per run); `dask`: run trials there."""
+    s = tune_study(load_config(config_path, overrides or []), trials, parallel, dask, study=study, timeout=timeout)
+    winner = s.winner
+    return {
+        "study": s.study,
+        "trials": s.counts,
+        "best_trial": s.best_number,
+        "best_value": s.best_value,
+        "best_params": s.best_params,
+        "model_version": winner.model_version if winner is not None else None,
+        "registered": isinstance(winner, TrainingSummary),
+    }
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     name: str
@@ -118,6 +145,14 @@ def default_specs(
             score_params,
             ("torchcycle", "scoring"),
             schedules.get("score"),
+        ),
+        DeploymentSpec(
+            "tune",
+            "tune",
+            "An Optuna study of the config's tune.space; the winner is trained, registered and gated.",
+            {"config_path": config_path, "overrides": [], "trials": 20, "parallel": 1},
+            ("torchcycle", "tuning"),
+            schedules.get("tune"),
         ),
     )
 

@@ -6,6 +6,7 @@ Options of `training_flow`:
 - `cache`: preprocess, features, train and evaluate reuse the results of an earlier run with the same config,
   data and code (Prefect's cache, stored without pickle), so a run that failed at register restarts at
   register. False neither reads nor writes the cache.
+- `extra_tags`: more tags for the MLflow run and the registered version (a tuned winner names its study).
 - `skip_unchanged`: when the latest registered version has this run's data digest, config hash and code
   version, return `Unchanged` without starting an MLflow run or registering anything.
 """
@@ -87,6 +88,7 @@ def training_flow(
     holdout_path: str | None = None,
     cache: bool = True,
     skip_unchanged: bool = False,
+    extra_tags: dict[str, str] | None = None,
 ) -> TrainingSummary | Unchanged:
     """Train, evaluate, register and gate one experiment (the module docstring says what each option does)."""
     uri = resolve_tracking_uri(tracking_uri)
@@ -100,8 +102,9 @@ def training_flow(
     if same is not None:
         return Unchanged(config.name, same, f"data, config and code are those of version {same}")
     ckpt = checkpoint_path(config.name, config.config_hash(), raw.digest)
-    with tracked_run(uri, config.experiment, run_name(config.name), config.flat_params(), run_tags(config)) as run_id:
-        summary = _tracked(config, raw, uri, run_id, cache, holdout_path)
+    tags = {**run_tags(config), **(extra_tags or {})}
+    with tracked_run(uri, config.experiment, run_name(config.name), config.flat_params(), tags) as run_id:
+        summary = _tracked(config, raw, uri, run_id, cache, holdout_path, extra_tags or {})
         describe_run_task(uri, run_id, summary_markdown(config, summary))
     remove_checkpoint(ckpt)  # registered and gated: nothing left to resume
     create_markdown_artifact(
@@ -113,7 +116,13 @@ def training_flow(
 
 
 def _tracked(
-    config: ExperimentConfig, raw: RawData, uri: str, run_id: str, cache: bool, holdout: str | None
+    config: ExperimentConfig,
+    raw: RawData,
+    uri: str,
+    run_id: str,
+    cache: bool,
+    holdout: str | None,
+    extra_tags: dict[str, str],
 ) -> TrainingSummary:
     """preprocess -> features -> train -> evaluate -> register -> gate, inside MLflow run `run_id`."""
     world = distributed()[1]
@@ -131,7 +140,7 @@ def _tracked(
     log_history_task(uri, run_id, trained.fit.history)  # epochs trained by an earlier run
     report = cached(evaluate_task, key("evaluate"))(trained, prepared)
     log_evaluation_task(uri, run_id, report.metrics, report.figures)
-    tags = {**lineage_tags(raw.digest, config.config_hash()), "prefect_flow_run_id": flow_run_id()}
+    tags = {**lineage_tags(raw.digest, config.config_hash()), "prefect_flow_run_id": flow_run_id(), **extra_tags}
     metrics = report.metrics
     reg = register_task(
         trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=tags, metrics=metrics

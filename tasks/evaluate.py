@@ -151,6 +151,23 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     return EvalReport(m, figures)
 
 
+def validation_metrics(trained: TrainedModel, prepared: Prepared) -> dict[str, float]:
+    """The test metrics computed on the validation split, named val_*: what a tuning trial is judged by, so the
+    test split stays unseen until the winner is evaluated."""
+    out = torch_predict(trained.build(), torch.from_numpy(prepared.x_val), torch.device("cpu"))
+    task = prepared.pipeline.task
+    if task == "classification":
+        classes = list(prepared.pipeline.classes or [])
+        names = np.asarray(classes, dtype=object)
+        m = test_metrics(names[prepared.y_val], names[out.argmax(1).numpy()], task=task, classes=classes)
+    else:  # target units: both sides decoded alike
+        pipe = prepared.pipeline
+        m = test_metrics(
+            pipe.decode_target(prepared.y_val), pipe.decode_target(out[:, 0].numpy()), task=task, classes=None
+        )
+    return {"val_" + k.removeprefix("test_"): v for k, v in m.items()}
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     return evaluate(trained, prepared)

@@ -234,3 +234,15 @@ def cached(task: Any, key: str | None) -> Any:
         result_serializer=SafeSerializer(),
         result_storage=storage,
     )
+
+
+def store_cached(key: str, obj: Any) -> None:
+    """Persist `obj` as the record `cached(task, key)` would write, so a later run of that stage with this key
+    takes it from the cache (a tuning trial's model for the winner's training run)."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    storage = cache_dir().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)), serializer=SafeSerializer())
+    store.write(obj, key=key)

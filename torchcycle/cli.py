@@ -266,6 +266,110 @@ def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
 
 @app.command()
 @_clean_errors
+def tune(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML with a tune: section.")],
+    trials: Annotated[int, typer.Option(min=1, max=100_000, help="Finished trials the study should hold.")],
+    parallel: Annotated[int, typer.Option(min=1, max=256, help="Trials run at once (threads; Dask with --dask).")] = 1,
+    study: Annotated[
+        str | None, typer.Option(help="Study name: resumes that study (default: a new one, NAME-DATE-TIME).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="Start no trial after this many seconds (running ones finish).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL (default: $TORCHCYCLE_OPTUNA_STORAGE, else mlflow/optuna.db)."),
+    ] = None,
+    dask: Annotated[
+        str | None,
+        typer.Option(help=f"Run the trials on the Dask scheduler at tcp://HOST:PORT (default: ${DASK_ENV})."),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last stdout line.")] = False,
+) -> None:
+    """Search the config's tune.space with Optuna (pruned per epoch, one nested MLflow run per trial), then
+    train, register and gate the best trial's config. A killed study resumes with --study NAME."""
+    _setup_env()
+    from torchcycle.config import load_config
+    from torchcycle.errors import ConfigError
+
+    cfg = load_config(config, set_ or [])
+    if not cfg.tune.space:
+        raise ConfigError(f"{config} has no tune.space: nothing to search (README: Tuning)")
+    if study is not None and not _STUDY_NAME.fullmatch(study):
+        raise ConfigError(f"--study '{study}' is not a study name: letters, digits, . _ - (at most 200)")
+    _preflight(cfg)
+    url = _optuna_storage(storage)
+    dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
+    if dask:
+        dask = _dask_address(dask)
+        _check_dask_answers(dask)
+        _quiet_dask_logs()
+    from torchcycle.flows.tuning import tune_study
+
+    _quiet_console_tracebacks()
+    summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout, storage=url)
+    _print_tuning(summary)
+    if as_json:
+        winner = summary.winner
+        print(
+            json.dumps(
+                {
+                    "study": summary.study,
+                    "run_id": summary.parent_run_id,
+                    "trials": summary.counts,
+                    "ran": summary.ran,
+                    "metric": summary.metric,
+                    "best_trial": summary.best_number,
+                    "best_value": summary.best_value,
+                    "best_params": summary.best_params,
+                    "model_name": getattr(winner, "model_name", None),
+                    "model_version": getattr(winner, "model_version", None),
+                    "registered": hasattr(winner, "run_id"),
+                }
+            )
+        )
+
+
+_STUDY_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def _optuna_storage(explicit: str | None) -> str:
+    """The study storage URL: checked here, so a typo is one error line before Prefect starts."""
+    from torchcycle.errors import ConfigError
+    from torchcycle.tasks.tune import default_storage
+
+    url = explicit if explicit is not None else default_storage()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            f"--storage '{url}' is not a database URL (sqlite:///PATH or postgresql+psycopg://...)"
+        ) from None
+    return url
+
+
+def _print_tuning(s) -> None:
+    from torchcycle.tasks.tune import describe
+
+    n = ", ".join(f"{v} {k.lower()}" for k, v in sorted(s.counts.items()))
+    typer.echo(f"study  {s.study}: {n}; {s.ran} trial(s) run now   (MLflow run {s.parent_run_id})")
+    if s.best_number is None:
+        typer.echo("best   no trial completed: nothing trained or registered")
+        return
+    typer.echo(f"best   trial {s.best_number}: {s.metric} {s.best_value:.4f}  {describe(s.best_params)}")
+    w = s.winner
+    if hasattr(w, "run_id"):
+        _print_training(w)
+    else:
+        typer.echo(f"winner already registered as {w.model_name} v{w.model_version} ({w.reason})")
+
+
+@app.command()
+@_clean_errors
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML.")] = DEFAULT_CONFIG,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=5")] = None,
@@ -580,6 +684,9 @@ _ScoreOut = Annotated[str, typer.Option("--score-output", help="Directory for sc
 # torchcycle.config.SCHEDULE_HELP's words; not imported: torchcycle.config imports torch, help must be quick
 _Schedule = "a cron line ('0 2 * * *'), an interval (90, 30s, 15m, 6h, 1d) or 'off'"
 _RetrainSchedule = Annotated[str | None, typer.Option("--retrain-schedule", help=f"When to retrain: {_Schedule}.")]
+_TuneSchedule = Annotated[
+    str | None, typer.Option("--tune-schedule", help=f"When to start a study (default off: on demand): {_Schedule}.")
+]
 _ScoreSchedule = Annotated[str | None, typer.Option("--score-schedule", help=f"When to score: {_Schedule}.")]
 _Timezone = Annotated[str | None, typer.Option("--timezone", help="Time zone of cron lines (default UTC).")]
 _ScoreDask = Annotated[
@@ -609,7 +716,8 @@ def _deployment_specs(
     drift_cooldown=None,
     dask: str | None = None,
 ):
-    """The two deployments with their schedules: options > the config's deployment: section > unset; and
+    """The deployments (retrain, score, tune) with their schedules: options > the config's deployment:
+    section > unset; and
     the drift automation's (model name, cool-down): the config's name (None where the config cannot be read
     here), the cool-down option > the config's deployment.drift_cooldown > unset (None).
     Bad options or config: one error line, exit 2."""
@@ -665,14 +773,16 @@ def deploy(
     score_output: _ScoreOut = "data/scored",
     retrain_schedule: _RetrainSchedule = None,
     score_schedule: _ScoreSchedule = None,
+    tune_schedule: _TuneSchedule = None,
     timezone: _Timezone = None,
     drift_cooldown: _DriftCooldown = None,
     dask: _ScoreDask = None,
 ) -> None:
-    """Register the `retrain` and `score` deployments with the Prefect server, and say what changed.
+    """Register the `retrain`, `score` and `tune` deployments with the Prefect server, and say what changed.
 
     A schedule not given here or in the config's deployment: section stays as the server has it (edited
-    in the UI, say); a new deployment gets the default (retrain 02:00 UTC nightly, score hourly).
+    in the UI, say); a new deployment gets the default (retrain 02:00 UTC nightly, score hourly, tune none:
+    on demand).
     Also creates or updates the automation `retrain-on-drift-NAME` (NAME: the config's model): a drift
     event of NAME's scoring runs `retrain`, at most once per cool-down window (default 1 day)."""
     _setup_env()
@@ -680,7 +790,7 @@ def deploy(
 
     if not PREFECT_API_URL.value():
         raise _fail("PREFECT_API_URL is not set: point it at your Prefect server (e.g. http://127.0.0.1:4200/api)")
-    schedules = {"retrain": retrain_schedule, "score": score_schedule}
+    schedules = {"retrain": retrain_schedule, "score": score_schedule, "tune": tune_schedule}
     specs, drift = _deployment_specs(
         config, source, model, score_input, score_output, schedules, timezone, drift_cooldown, dask
     )
@@ -731,6 +841,7 @@ def serve(
     score_output: _ScoreOut = "data/scored",
     retrain_schedule: _RetrainSchedule = None,
     score_schedule: _ScoreSchedule = None,
+    tune_schedule: _TuneSchedule = None,
     timezone: _Timezone = None,
     drift_cooldown: _DriftCooldown = None,
     dask: _ScoreDask = None,
@@ -738,14 +849,14 @@ def serve(
         int, typer.Option(min=1, max=65535, help="Port of the local Prefect server (when PREFECT_API_URL is unset).")
     ] = 4200,
 ) -> None:
-    """Run both deployments on their schedules in this process (one machine, no worker). Ctrl-C stops.
+    """Run the deployments on their schedules in this process (one machine, no worker). Ctrl-C stops.
 
     With PREFECT_API_URL set, that server schedules them; without, a local Prefect server is started
     for this command's lifetime (its UI on --port) and stopped when it ends."""
     _setup_env()
     from prefect.settings import PREFECT_API_URL
 
-    schedules = {"retrain": retrain_schedule, "score": score_schedule}
+    schedules = {"retrain": retrain_schedule, "score": score_schedule, "tune": tune_schedule}
     specs, drift = _deployment_specs(
         config, Path("."), model, score_input, score_output, schedules, timezone, drift_cooldown, dask
     )

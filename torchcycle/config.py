@@ -394,6 +394,7 @@ class DeploymentSection(_Strict):
     # bool first: YAML reads a bare `off` as false, which must not become an interval of 0 s
     retrain: bool | str | int | float | None = None
     score: bool | str | int | float | None = None
+    tune: bool | str | int | float | None = None  # default off: studies run on demand
     # retrain on drift: at most one retrain per cool-down window; off: no automation; unset: deploy's default
     drift_cooldown: bool | str | int | float | None = None
 
@@ -419,21 +420,112 @@ class DeploymentSection(_Strict):
     @model_validator(mode="after")
     def _schedules(self) -> DeploymentSection:
         problems = []
-        for which in ("retrain", "score"):
+        for which in ("retrain", "score", "tune"):
             value = getattr(self, which)
             if value is None:
                 continue
             try:
                 parse_schedule(value, self.timezone)
-            except ValueError as err:  # each under its own key: deployment.retrain / deployment.score
+            except ValueError as err:  # each under its own key: deployment.retrain / .score / .tune
                 problems.append(((which,), str(err)))
         if problems:
             raise _problems("DeploymentSection", problems)
         return self
 
-    def schedule(self, which: Literal["retrain", "score"]) -> ScheduleSpec | None:
+    def schedule(self, which: Literal["retrain", "score", "tune"]) -> ScheduleSpec | None:
         value = getattr(self, which)
         return None if value is None else parse_schedule(value, self.timezone)
+
+
+# ---- hyper-parameter search (torchcycle tune) ---------------------------------------------------------
+# Keys a search may not vary: who the model is, where it is tracked, what decides, when it runs.
+_UNTUNABLE = ("name", "experiment", "gate", "deployment", "tune", "model.kind")
+_SCALARS = (type(None), bool, int, float, str)
+
+
+class ParamSpace(_Strict):
+    """One key's distribution: exactly one of uniform / log_uniform / int / choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
+    uniform: tuple[float, float] | None = None  # [low, high]
+    log_uniform: tuple[float, float] | None = None  # [low, high], low > 0, sampled on a log scale
+    int_: tuple[int, int] | None = Field(None, alias="int")  # [low, high], both included
+    choice: list[Any] | None = Field(None, min_length=1)  # any YAML values: 0.1, adam, [128, 64]
+    log: bool = False  # int only: sample on a log scale
+    step: float | None = Field(None, gt=0)  # uniform / int only: a grid of this spacing from low
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpace:
+        kinds = [k for k in ("uniform", "log_uniform", "int_", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of uniform: [low, high], log_uniform: [low, high], "
+                "int: [low, high] or choice: [values]"
+            )
+        kind = kinds[0]
+        if kind != "choice":
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"low must be below high, got [{low:g}, {high:g}]")
+            if kind == "log_uniform" and low <= 0:
+                raise ValueError(f"log_uniform needs low > 0, got {low:g}")
+            if kind == "int_" and self.log and low < 1:
+                raise ValueError(f"int with log: true needs low >= 1, got {low}")
+        if self.log and kind != "int_":
+            raise ValueError("log: true applies to int only (use log_uniform for floats)")
+        if self.step is not None and (kind not in ("uniform", "int_") or self.log):
+            raise ValueError("step applies to uniform and int without log only")
+        if kind == "int_" and self.step is not None and self.step != int(self.step):
+            raise ValueError(f"an int step must be a whole number, got {self.step:g}")
+        if kind == "choice":
+            texts = [json.dumps(v, sort_keys=True) for v in self.choice]
+            if len(set(texts)) != len(texts):
+                raise ValueError("choice lists a value twice")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values that bound what this distribution can give: each must make a valid config."""
+        if self.choice is not None:
+            return list(self.choice)
+        return list(self.uniform or self.log_uniform or self.int_)
+
+    def describe(self) -> str:
+        if self.choice is not None:
+            return "choice " + json.dumps(self.choice)
+        if self.int_ is not None:
+            return (
+                f"int [{self.int_[0]}, {self.int_[1]}]"
+                + (" log" if self.log else "")
+                + (f" step {int(self.step)}" if self.step else "")
+            )
+        low, high = self.uniform or self.log_uniform
+        kind = "uniform" if self.uniform else "log_uniform"
+        return f"{kind} [{low:g}, {high:g}]" + (f" step {self.step:g}" if self.step else "")
+
+
+class TuneSection(_Strict):
+    """`torchcycle tune`'s search: the space over dotted config keys, and how Optuna samples and prunes.
+    Not part of the config hash: a trial's config is the base with the trial's values set."""
+
+    space: dict[str, ParamSpace] = Field(default_factory=dict)  # "train.lr" -> its distribution
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(5, ge=0, le=10_000)  # trials before TPE models and the median pruner prunes
+    warmup_epochs: int = Field(5, ge=0)  # epochs a trial always gets before it can be pruned
+    baseline: bool = True  # the first trial is the config's own values (when they lie in the space)
+
+    @field_validator("space")
+    @classmethod
+    def _keys(cls, v: dict[str, ParamSpace]) -> dict[str, ParamSpace]:
+        problems = []
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+                problems.append(((key,), "not a dotted config key such as train.lr"))
+            elif any(key == u or key.startswith(u + ".") for u in _UNTUNABLE):
+                problems.append(((key,), f"cannot be tuned ({', '.join(_UNTUNABLE)} are fixed by the config)"))
+        if problems:
+            raise _problems("TuneSection", problems)
+        return v
 
 
 class ExperimentConfig(_Strict):
@@ -447,10 +539,11 @@ class ExperimentConfig(_Strict):
     gate: GateConfig = GateConfig()
     drift: DriftConfig = DriftConfig()
     deployment: DeploymentSection = DeploymentSection()  # when it runs, not what it trains: outside the hash
+    tune: TuneSection = TuneSection()  # how `torchcycle tune` searches; outside the hash
 
     @model_validator(mode="after")
     def _check_against_data(self) -> ExperimentConfig:
-        problems = _data_problems(self)
+        problems = _data_problems(self) or _space_problems(self)
         if problems:
             raise _problems("ExperimentConfig", problems)
         return self
@@ -470,7 +563,7 @@ class ExperimentConfig(_Strict):
         return out
 
     def resolved(self) -> dict[str, Any]:
-        d = self.model_dump(mode="json", exclude={"deployment"})
+        d = self.model_dump(mode="json", exclude={"deployment", "tune"})
         d["model"] = {"kind": self.model.kind, **json.loads(json.dumps(self.model.params))}
         return d
 
@@ -533,6 +626,50 @@ def _data_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
             problems.append(
                 (("model", "k"), f"k={k} needs at least {k} training rows; the {rows} rows leave {train} to train on")
             )
+    return problems
+
+
+def _raw_of(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`cfg` as the dict it validates from (tune: left out), model settings resolved."""
+    raw = cfg.model_dump(mode="json", exclude={"tune"}, by_alias=True)
+    raw["model"] = {"kind": cfg.model.kind, **json.loads(json.dumps(cfg.model.params))}
+    return raw
+
+
+def with_params(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """`cfg` with the dotted keys of `params` set (a trial's config); its tune: section is kept."""
+    raw = _raw_of(cfg)
+    for key, value in params.items():
+        _set_dotted(raw, key, value)
+    raw["tune"] = cfg.tune.model_dump(by_alias=True)
+    return ExperimentConfig.model_validate(raw)
+
+
+def _space_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Every bound of every distribution must make a valid config: a key that is no setting, or a range
+    a setting refuses, is found here, before a trial runs."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for key, space in cfg.tune.space.items():
+        for value in space.extremes():
+            raw = _raw_of(cfg)
+            try:
+                _set_dotted(raw, key, value)
+                ExperimentConfig.model_validate(raw)
+            except ConfigError as err:  # a key below a setting that is no section (seed.x)
+                problems.append((("tune", "space", key), str(err).removeprefix("--set ")))
+                break
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                msg = (
+                    "is not a config setting"
+                    if first["type"] == "extra_forbidden"
+                    else (f"{json.dumps(value)} is refused: {where}: {first['msg'].removeprefix('Value error, ')}")
+                )
+                if where and where != key and first["type"] == "extra_forbidden":
+                    msg = f"is not a config setting ({where} is unknown)"
+                problems.append((("tune", "space", key), msg))
+                break
     return problems
 
 

@@ -205,8 +205,12 @@ def log_datasets_task(
     """The train / validation / test splits as the run's input data sets, each with its content digest."""
     from torchcycle.tables import frame_digest
 
-    inputs = [
-        dataset_input(f, name=f"{name}-{split}", source=source, target=target, digest=frame_digest(f), context=split)
-        for split, f in splits.items()
-    ]
-    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+    with warnings.catch_warnings():  # the schema is inferred again when logged: the same integer-column hint
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
+        inputs = [
+            dataset_input(
+                f, name=f"{name}-{split}", source=source, target=target, digest=frame_digest(f), context=split
+            )
+            for split, f in splits.items()
+        ]
+        MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)

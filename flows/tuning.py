@@ -1,0 +1,264 @@
+"""The tuning flow: an Optuna study of the config's `tune.space`, then the winner through the training flow.
+
+ingest -> validate -> preprocess -> features once; then trials as Prefect task runs, `parallel` at a time
+(threads here, or Dask workers with `dask`), until the study holds `trials` finished (complete or pruned)
+trials; then the best trial's config is trained, evaluated on the test split, registered and gated by the
+training flow, its model taken from the stage cache the trial filled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
+
+from torchcycle.cache import cached, stage_keys
+from torchcycle.config import ExperimentConfig, check_against_task, with_params
+from torchcycle.errors import ConfigError
+from torchcycle.flows.training import TrainingSummary, Unchanged, training_flow
+from torchcycle.tasks.features import Prepared, features_task
+from torchcycle.tasks.gate import default_metric
+from torchcycle.tasks.ingest import RawData, ingest_task
+from torchcycle.tasks.preprocess import preprocess_task
+from torchcycle.tasks.tune import (
+    FINISHED,
+    TrialPlan,
+    TrialResult,
+    baseline_params,
+    best_trial,
+    config_values,
+    counts,
+    default_storage,
+    describe,
+    fail_stale,
+    heartbeats,
+    log_study_task,
+    objective,
+    open_study,
+    study_run_task,
+    suggest,
+    tidy_trial_runs_task,
+    trial_task,
+)
+from torchcycle.tasks.validate import validate_task
+from torchcycle.tracking import flow_run_id, resolve_tracking_uri, use_tracking_uri
+
+
+@dataclass(frozen=True)
+class TuningSummary:
+    study: str
+    storage: str
+    parent_run_id: str
+    metric: str  # the objective: val_accuracy, val_r2, ...
+    counts: dict[str, int]  # trial state -> trials in the study (COMPLETE, PRUNED, FAIL)
+    ran: int  # trials this run finished
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    winner: TrainingSummary | Unchanged | None  # None: no trial completed
+    flow_run_id: str = ""  # this tuning flow run (its trials are its task runs)
+
+
+def study_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
+def tune_study(config: ExperimentConfig, trials: int, parallel: int = 1, dask: str | None = None, **kw: Any) -> Any:
+    """tuning_flow with `parallel` trials at once: threads of this process, or tasks on the Dask scheduler at
+    `dask` (whose workers must reach the same study storage, tracking store and files)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from torchcycle.flows.scoring import dask_runner
+
+    runner = dask_runner(address=dask) if dask else ThreadPoolTaskRunner(max_workers=parallel)
+    return tuning_flow.with_options(task_runner=runner)(config, trials, parallel=parallel, **kw)
+
+
+@flow(name="tuning")
+def tuning_flow(
+    config: ExperimentConfig,
+    trials: int,
+    parallel: int = 1,
+    study: str | None = None,
+    timeout: float | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+) -> TuningSummary:
+    """Run (or resume) study `study` until it holds `trials` finished trials, `parallel` at a time; `timeout`:
+    no trial starts after that many seconds. Then train, register and gate the winner."""
+    if not config.tune.space:
+        raise ConfigError(f"the config {config.name} has no tune.space: nothing to search (README: Tuning)")
+    uri, url, name = resolve_tracking_uri(tracking_uri), storage or default_storage(tracking_uri), study
+    use_tracking_uri(uri)
+    raw = ingest_task(config.data)
+    validate_task(raw)
+    check_against_task(config, raw.task)
+    metric, direction = objective(config.gate.metric or default_metric(raw.task))
+    key = stage_keys(config.config_hash(), raw.digest, 1)
+    prepared = cached(features_task, key("features"))(
+        cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed), config.features, config.drift
+    )
+    name = name or study_name(config)
+    the_study = open_study(config, name, url, direction, parallel)
+    parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
+    stale = fail_stale(the_study)
+    states = {t.number: t.state.name for t in the_study.get_trials(deepcopy=False)}
+    tidy_trial_runs_task(uri, parent, states)
+    log = get_run_logger()
+    if stale:
+        log.info("trials %s of an earlier run were left running: failed, their runs KILLED", stale)
+    if not the_study.get_trials(deepcopy=False) and config.tune.baseline:
+        base = baseline_params(config)
+        if base is None:
+            log.info("the config's own values lie outside tune.space: no baseline trial")
+        else:
+            the_study.enqueue_trial(base, user_attrs={"torchcycle.baseline": True})
+    plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest)
+    ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
+    log_study_task(uri, parent, the_study, metric)
+    best = best_trial(the_study)
+    winner = None
+    if best is not None:
+        winner_cfg = with_params(config, config_values(config, best.params))
+        tags = {"torchcycle.study": name, "torchcycle.trial": str(best.number), "torchcycle.study_run_id": parent}
+        winner = training_flow(winner_cfg, tracking_uri=uri, cache=True, skip_unchanged=True, extra_tags=tags)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(parent, "FINISHED")
+    summary = TuningSummary(
+        name,
+        url,
+        parent,
+        metric,
+        counts(the_study),
+        ran,
+        best.number if best else None,
+        best.value if best else None,
+        config_values(config, best.params) if best else {},
+        winner,
+        flow_run_id(),
+    )
+    create_markdown_artifact(markdown=summary_markdown(summary), key="tuning-summary", description=name)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every trial of this run shares."""
+
+    config: ExperimentConfig
+    study: str
+    storage_url: str
+    tracking_uri: str
+    parent_run_id: str
+    metric: str
+    direction: str
+    data_digest: str
+
+    def for_trial(self, trial: Any, experiment_id: str) -> TrialPlan:
+        params = suggest(trial, self.config.tune.space)
+        return TrialPlan(
+            self.study,
+            self.storage_url,
+            trial._trial_id,
+            trial.number,
+            params,
+            with_params(self.config, params),
+            self.tracking_uri,
+            experiment_id,
+            self.parent_run_id,
+            self.metric,
+            self.direction,
+            self.data_digest,
+        )
+
+
+def _run_trials(
+    study: Any, plan: _Plan, trials: int, parallel: int, timeout: float | None, raw: RawData, prepared: Prepared
+) -> int:
+    """Ask, run and tell trials until the study holds `trials` finished ones; returns how many this run did.
+    A trial that fails stops new ones; the error is raised once the running ones are told."""
+    from mlflow.tracking import MlflowClient
+
+    log = get_run_logger()
+    exp_id = MlflowClient(plan.tracking_uri).get_run(plan.parent_run_id).info.experiment_id
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running: dict[Any, Any] = {}  # future -> its optuna trial
+    alive: set[int] = set()  # trial ids the heartbeat thread marks
+    ran, error = 0, None
+    with heartbeats(study, alive):
+        while True:
+            finished = sum(counts(study).get(s, 0) for s in FINISHED)
+            room = error is None and (deadline is None or time.monotonic() < deadline)
+            while room and len(running) < parallel and finished + len(running) < trials:
+                trial = study.ask()
+                study._storage.record_heartbeat(trial._trial_id)  # a trial without one never goes stale
+                alive.add(trial._trial_id)
+                running[trial_task.submit(plan.for_trial(trial, exp_id), raw, plan.config, prepared)] = trial
+            if not running:
+                break
+            for future in [next(as_completed(list(running)))]:  # the first to finish: its slot is free again
+                trial = running.pop(future)
+                alive.discard(trial._trial_id)
+                try:
+                    result: TrialResult = future.result()
+                except Exception as err:  # told as failed; the first failure is the one raised
+                    study.tell(trial, state=_state("FAIL"))
+                    error = error or err
+                    continue
+                ran += 1
+                _tell(study, trial, result)
+                best, now = best_trial(study), sum(counts(study).get(s, 0) for s in FINISHED)
+                log.info(
+                    "trial %d %s: %s %s; best so far trial %s (%s) [%d/%d finished]",
+                    result.number,
+                    result.state.lower(),
+                    plan.metric,
+                    _fmt(result.value),
+                    best.number if best else "-",
+                    _fmt(best.value if best else None),
+                    now,
+                    trials,
+                )
+    if error is not None:
+        raise error
+    return ran
+
+
+def _tell(study: Any, trial: Any, result: TrialResult) -> None:
+    if result.state == "PRUNED":
+        study.tell(trial, state=_state("PRUNED"))
+    else:
+        study.tell(trial, result.value)
+
+
+def _state(name: str) -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState[name]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary_markdown(s: TuningSummary) -> str:
+    n = ", ".join(f"{v} {k.lower()}" for k, v in sorted(s.counts.items()))
+    best = (
+        f"Best trial {s.best_number}: {s.metric} {s.best_value:.4f} with {describe(s.best_params)}"
+        if s.best_number is not None
+        else "No trial completed."
+    )
+    if isinstance(s.winner, TrainingSummary):
+        verdict = "promoted to champion" if s.winner.decision and s.winner.decision.promote else "kept as challenger"
+        won = f"Winner registered as {s.winner.model_name} v{s.winner.model_version}, {verdict}."
+    elif isinstance(s.winner, Unchanged):
+        won = f"Winner already registered: {s.winner.model_name} v{s.winner.model_version} ({s.winner.reason})."
+    else:
+        won = "Nothing registered."
+    return f"# Study {s.study}\n\nTrials: {n}. MLflow run `{s.parent_run_id}`.\n\n{best}\n\n{won}\n"

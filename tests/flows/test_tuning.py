@@ -1,0 +1,186 @@
+"""Tuning: Optuna studies through the tuning flow. Pruning on the epoch callback, one nested MLflow run per trial,
+the winner trained, registered and gated; a SIGKILLed study resumed to exactly N trials; parallel trials as
+Prefect task runs that overlap in time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import optuna
+import pytest
+import yaml
+from conftest import CONFIGS, cli_env
+from mlflow.tracking import MlflowClient
+
+from torchcycle.config import config_from_dict, load_config
+from torchcycle.flows.tuning import tune_study
+from torchcycle.tasks.tune import GRACE_S, baseline_params, config_values, epoch_value
+
+BIN = Path(sys.executable).parent
+
+
+def _children(client: MlflowClient, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000
+    )
+
+
+def _small(**tune) -> dict:
+    """A quick search: digits, a small MLP, a few epochs."""
+    return {
+        "name": "tune-small",
+        "experiment": "tests",
+        "data": {"source": "sklearn:digits"},
+        "model": {"kind": "mlp", "hidden": [32]},
+        "train": {"epochs": 6, "batch_size": 64, "lr": 0.01, "patience": 0},
+        "tune": {
+            "space": {"train.lr": {"log_uniform": [1e-3, 3e-2]}, "model.hidden": {"choice": [[16], [32], [64, 32]]}},
+            "startup_trials": 2,
+            "warmup_epochs": 1,
+            **tune,
+        },
+    }
+
+
+def test_space_values_round_trip_and_the_baseline_is_the_configs_own() -> None:
+    cfg = config_from_dict(_small())
+    base = baseline_params(cfg)
+    assert base == {"train.lr": 0.01, "model.hidden": "[32]"}  # lists are stored by the study as JSON text
+    assert config_values(cfg, base) == {"train.lr": 0.01, "model.hidden": [32]}
+    outside = config_from_dict({**_small(), "train": {"epochs": 6, "lr": 0.5}})
+    assert baseline_params(outside) is None  # lr 0.5 lies outside [1e-3, 3e-2]: no baseline trial
+    # what the pruner compares, oriented like the objective
+    assert epoch_value({"val_loss": 0.5, "val_accuracy": 0.9}, "maximize") == 0.9
+    assert epoch_value({"val_loss": 0.5}, "maximize") == -0.5
+    assert epoch_value({"val_loss": 0.5}, "minimize") == 0.5
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_digits_mlp_study_of_12_trials_prunes_nests_and_registers_the_winner(tmp_path: Path, tracking_uri) -> None:
+    """The issue's example as a user runs it: configs/digits_mlp.yaml as shipped, 12 trials."""
+    cfg = load_config(CONFIGS / "digits_mlp.yaml")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = tune_study(cfg, 12, tracking_uri=tracking_uri, storage=url, study="digits")
+    study = optuna.load_study(study_name="digits", storage=url)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["COMPLETE"] + states["PRUNED"] == 12 and not states.get("FAIL"), states
+    assert states["PRUNED"] >= 1, states
+    baseline = study.trials[0]
+    assert baseline.user_attrs["torchcycle.baseline"] and baseline.params == baseline_params(cfg)
+    assert baseline.state.name == "COMPLETE"
+    assert study.best_value >= baseline.value  # the winner is at least the config as written, on validation
+    assert s.best_number == study.best_trial.number and s.best_value == study.best_value
+
+    client = MlflowClient(tracking_uri)
+    kids = _children(client, s.parent_run_id)
+    assert sorted(int(k.data.tags["torchcycle.trial"]) for k in kids) == list(range(12))
+    by_number = {int(k.data.tags["torchcycle.trial"]): k for k in kids}
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED" and run.data.tags["torchcycle.trial_state"] == t.state.name
+        assert not any(m.startswith("test_") for m in run.data.metrics)  # the test split is not looked at
+        epochs = len(client.get_metric_history(run.info.run_id, "val_loss"))
+        if t.state.name == "PRUNED":
+            assert epochs < cfg.train.epochs and epochs == max(t.intermediate_values)
+        else:
+            assert epochs == cfg.train.epochs and run.data.metrics["val_accuracy"] == pytest.approx(t.value)
+    plots = {a.path for a in client.list_artifacts(s.parent_run_id, "plots")}
+    assert plots == {f"plots/{n}.png" for n in ("optimization_history", "parallel_coordinate", "param_importances")}
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["space.train.lr"].startswith("log_uniform")
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+
+    (version,) = client.search_model_versions("name = 'digits-mlp'")  # one new version, gated
+    assert version.tags["torchcycle.study"] == "digits" and version.tags["torchcycle.trial"] == str(s.best_number)
+    assert (
+        version.tags["gate_reason"] and str(client.get_model_version_by_alias("digits-mlp", "champion").version) == "1"
+    )
+    trained = client.get_run(version.run_id)
+    for key, value in config_values(cfg, study.best_params).items():  # trained with the winner's values
+        assert json.loads(trained.data.params[key]) == (list(value) if isinstance(value, list) else value)
+    assert "test_accuracy" in trained.data.metrics  # the test split judged the winner, once
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_parallel_trials_are_overlapping_prefect_task_runs_of_one_study(tmp_path: Path, tracking_uri) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = config_from_dict(_small(pruner="none", sampler="random"))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = tune_study(cfg, 4, parallel=2, tracking_uri=tracking_uri, storage=url, study="par")
+    assert s.counts == {"COMPLETE": 4} and s.ran == 4
+    body = {"task_runs": {"name": {"like_": "trial-"}, "flow_run_id": {"any_": [s.flow_run_id]}}, "limit": 50}
+    found = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=body, timeout=30).json()
+    runs = [r for r in found if r["name"].startswith("trial-")]  # like_ matches tidy-trial-runs too
+    assert sorted(r["name"] for r in runs) == [f"trial-{i}" for i in range(4)]
+    assert all(r["state"]["type"] == "COMPLETED" for r in runs)
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # two ran at once
+    assert len(_children(MlflowClient(tracking_uri), s.parent_run_id)) == 4
+
+
+def _finished(url: str, name: str) -> tuple[int, bool]:
+    """(finished trials, whether a running trial has reported an epoch) of study `name`, or (0, False)."""
+    try:
+        trials = optuna.load_study(study_name=name, storage=url).trials
+    except KeyError:
+        return 0, False
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    return done, any(t.state.name == "RUNNING" and t.intermediate_values for t in trials)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tmp_path: Path) -> None:
+    config = _small()
+    config["train"]["epochs"] = 40  # a trial lasts seconds: the kill lands inside one
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(config))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    env = cli_env(MLFLOW_TRACKING_URI=uri, TORCHCYCLE_OPTUNA_STORAGE=url)
+    cmd = [str(BIN / "torchcycle"), "tune", "--config", "tune.yaml", "--trials", "5", "--study", "s", "--json"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        done, mid_trial = _finished(url, "s")
+        if done >= 2 and mid_trial:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    study = optuna.load_study(study_name="s", storage=url)
+    parent = study.user_attrs["torchcycle.parent_run_id"]
+    assert Counter(t.state.name for t in study.trials)["RUNNING"] == 1  # killed inside a trial
+
+    start = time.monotonic()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert time.monotonic() - start >= GRACE_S  # the killed trial was judged stale by its heartbeat, not guessed
+    out = json.loads(again.stdout.strip().splitlines()[-1])
+    assert out["run_id"] == parent and out["registered"]  # the same study run, resumed
+    study = optuna.load_study(study_name="s", storage=url)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["COMPLETE"] + states["PRUNED"] == 5 and states["FAIL"] == 1 and not states.get("RUNNING"), states
+
+    client = MlflowClient(uri)
+    kids = _children(client, parent)
+    numbers = [int(k.data.tags["torchcycle.trial"]) for k in kids]
+    assert len(numbers) == len(set(numbers)) == len(study.trials)  # one run per trial, none twice
+    by_number = {int(k.data.tags["torchcycle.trial"]): k for k in kids}
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.data.tags["torchcycle.trial_state"] == t.state.name
+        assert run.info.status == ("KILLED" if t.state.name == "FAIL" else "FINISHED")
+    assert len(client.search_model_versions("name = 'tune-small'")) == 1

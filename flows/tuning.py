@@ -8,6 +8,7 @@ training flow, its model taken from the stage cache the trial filled.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,7 +47,7 @@ from torchcycle.tasks.tune import (
     trial_task,
 )
 from torchcycle.tasks.validate import validate_task
-from torchcycle.tracking import flow_run_id, resolve_tracking_uri, use_tracking_uri
+from torchcycle.tracking import finish_run_task, flow_run_id, resolve_tracking_uri, use_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -106,30 +107,18 @@ def tuning_flow(
     name = name or study_name(config)
     the_study = open_study(config, name, url, direction, parallel)
     parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
-    stale = fail_stale(the_study)
-    states = {t.number: t.state.name for t in the_study.get_trials(deepcopy=False)}
-    tidy_trial_runs_task(uri, parent, states)
-    log = get_run_logger()
-    if stale:
-        log.info("trials %s of an earlier run were left running: failed, their runs KILLED", stale)
-    if not the_study.get_trials(deepcopy=False) and config.tune.baseline:
-        base = baseline_params(config)
-        if base is None:
-            log.info("the config's own values lie outside tune.space: no baseline trial")
-        else:
-            the_study.enqueue_trial(base, user_attrs={"torchcycle.baseline": True})
+    _take_over(the_study, config, uri, parent)
     plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest)
-    ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
-    log_study_task(uri, parent, the_study, metric)
-    best = best_trial(the_study)
-    winner = None
-    if best is not None:
-        winner_cfg = with_params(config, config_values(config, best.params))
-        tags = {"torchcycle.study": name, "torchcycle.trial": str(best.number), "torchcycle.study_run_id": parent}
-        winner = training_flow(winner_cfg, tracking_uri=uri, cache=True, skip_unchanged=True, extra_tags=tags)
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(uri).set_terminated(parent, "FINISHED")
+    try:
+        ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
+        log_study_task(uri, parent, the_study, metric)
+        best = best_trial(the_study)
+        winner = _train_winner(config, best, name, parent, uri) if best is not None else None
+    except BaseException:
+        with contextlib.suppress(Exception):  # the study's own error is the one to report
+            finish_run_task(uri, parent, "FAILED")
+        raise
+    finish_run_task(uri, parent)
     summary = TuningSummary(
         name,
         url,
@@ -145,6 +134,32 @@ def tuning_flow(
     )
     create_markdown_artifact(markdown=summary_markdown(summary), key="tuning-summary", description=name)
     return summary
+
+
+def _train_winner(
+    config: ExperimentConfig, best: Any, study: str, parent: str, uri: str
+) -> TrainingSummary | Unchanged:
+    """The best trial's config through the training flow: test split, registry, gate. Nothing new is registered
+    when the latest version was made from the same data, config and code (a resumed, finished study)."""
+    winner_cfg = with_params(config, config_values(config, best.params))
+    tags = {"torchcycle.study": study, "torchcycle.trial": str(best.number), "torchcycle.study_run_id": parent}
+    return training_flow(winner_cfg, tracking_uri=uri, cache=True, skip_unchanged=True, extra_tags=tags)
+
+
+def _take_over(study: Any, config: ExperimentConfig, uri: str, parent: str) -> None:
+    """Before the first trial of this run: fail the trials a killed run left running (their runs KILLED), and
+    in a new study enqueue the config's own values as trial 0."""
+    log = get_run_logger()
+    stale = fail_stale(study)
+    tidy_trial_runs_task(uri, parent, {t.number: t.state.name for t in study.get_trials(deepcopy=False)})
+    if stale:
+        log.info("trials %s of an earlier run were left running: failed, their runs KILLED", stale)
+    if not study.get_trials(deepcopy=False) and config.tune.baseline:
+        base = baseline_params(config)
+        if base is None:
+            log.info("the config's own values lie outside tune.space: no baseline trial")
+        else:
+            study.enqueue_trial(base, user_attrs={"torchcycle.baseline": True})
 
 
 @dataclass(frozen=True)

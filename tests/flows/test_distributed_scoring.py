@@ -398,3 +398,41 @@ def test_a_scheduler_without_workers_stops_the_run_instead_of_waiting(
         assert code == 3 and "no Dask worker joined" in message
     finally:
         lonely.stop()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_tuning_trials_run_on_the_dask_workers(cluster: Cluster, tmp_path: Path) -> None:
+    """`torchcycle tune --dask`: each trial a task run on a worker process, the study and runs shared."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from torchcycle.config import config_from_dict
+    from torchcycle.flows.tuning import tune_study
+
+    cfg = config_from_dict(
+        {
+            "name": "dask-tune",
+            "experiment": "tests",
+            "data": {"source": "sklearn:digits"},
+            "model": {"kind": "mlp", "hidden": [16]},
+            "train": {"epochs": 4, "patience": 0, "lr": 0.01},
+            "tune": {"space": {"train.lr": {"log_uniform": [1e-3, 3e-2]}}, "pruner": "none"},
+        }
+    )
+    uri, url = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = tune_study(cfg, 3, parallel=2, dask=cluster.address, tracking_uri=uri, storage=url, study="on-dask")
+    assert s.counts == {"COMPLETE": 3} and s.winner is not None and s.winner.model_version == "1"
+    assert len(optuna.load_study(study_name="on-dask", storage=url).trials) == 3
+    client = MlflowClient(uri)
+    parent = client.get_run(s.parent_run_id)
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
+    pids = {k.data.tags["torchcycle.trial_process"].rsplit(":", 1)[1] for k in kids}
+    assert len(kids) == 3 and str(os.getpid()) not in pids  # trained in the workers' processes
+    assert pids <= {str(p.pid) for p in cluster.procs.values()} | _children_pids(cluster)
+
+
+def _children_pids(cluster: Cluster) -> set[str]:
+    """The worker processes `dask worker` started under its nanny."""
+    out = subprocess.run(["ps", "-eo", "pid,pgid"], capture_output=True, text=True).stdout.split()[2:]
+    groups = {str(p.pid) for p in cluster.procs.values()}
+    return {pid for pid, pgid in zip(out[::2], out[1::2], strict=True) if pgid in groups}

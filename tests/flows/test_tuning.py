@@ -184,3 +184,58 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
         assert run.data.tags["torchcycle.trial_state"] == t.state.name
         assert run.info.status == ("KILLED" if t.state.name == "FAIL" else "FINISHED")
     assert len(client.search_model_versions("name = 'tune-small'")) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--trials", "0"], "--trials"),
+        (["--trials", "3", "--parallel", "0"], "--parallel"),
+        (["--trials", "3", "--study", "a b"], "is not a study name"),
+        (["--trials", "3", "--study", ""], "is not a study name"),
+        (["--trials", "3", "--storage", "not a url"], "is not a database URL"),
+        (["--trials", "3", "--timeout", "0"], "--timeout"),
+        (["--trials", "3", "--dask", "tcp://nowhere"], "is not a Dask scheduler address"),
+        (["--trials", "3", "--set", "tune.space={}"], "has no tune.space"),
+        (["--trials", "3", "--set", "tune.space={train.lrr: {uniform: [0, 1]}}"], "tune.space.train.lrr"),
+        (["--trials", "3", "--set", "tune.space={train.lr: {uniform: [0, 1]}}"], "train.lr: Input should be greater"),
+        (["--trials", "3", "--set", "tune.space={name: {choice: [a, b]}}"], "cannot be tuned"),
+        (["--trials", "3", "--set", "tune.pruner=asha"], "tune.pruner"),
+    ],
+)
+def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, monkeypatch, args, fragment) -> None:
+    from typer.testing import CliRunner
+
+    from torchcycle.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHCYCLE_DASK_ADDRESS", raising=False)
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(_small()))
+    result = CliRunner().invoke(app, ["tune", "--config", "tune.yaml", *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no store, no study, no cache
+
+
+def test_a_study_resumed_with_another_search_is_refused(tmp_path: Path) -> None:
+    from torchcycle.errors import ConfigError
+    from torchcycle.tasks.tune import open_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(config_from_dict(_small()), "s", url, "maximize", 1)
+    open_study(config_from_dict(_small()), "s", url, "maximize", 1)  # the same search: resumed
+    other = _small()
+    other["tune"]["space"]["train.lr"] = {"log_uniform": [1e-4, 1e-1]}
+    with pytest.raises(ConfigError, match="is a search of another config or space"):
+        open_study(config_from_dict(other), "s", url, "maximize", 1)
+
+
+def test_the_tune_deployment_sits_beside_retrain_and_score_with_no_schedule() -> None:
+    from torchcycle.flows.deployments import DEFAULT_SCHEDULES, default_specs
+
+    specs = {s.name: s for s in default_specs("configs/digits_mlp.yaml")}
+    assert set(specs) == {"retrain", "score", "tune"}
+    assert specs["tune"].parameters["config_path"] == "configs/digits_mlp.yaml"
+    assert DEFAULT_SCHEDULES["tune"].kind == "off"  # on demand unless deployment.tune / --tune-schedule says

@@ -7,9 +7,12 @@
 2. The same command twice, each into its own MLflow store, stage cache and study storage:
    torchcycle tune --config CONFIG --trials N --parallel K, with the random sampler (seeded by the config's
    seed, so both runs draw the same trials in the same order) and no pruning (every trial runs every epoch).
-3. Prints, for K = 1 and 2: the whole command's wall time, the trials' span (first trial start to last trial
-   end, from the study), the ratio K=2 / K=1 of both (goal: whole command <= 0.7), and checks that both runs
-   ran the same trials.
+3. The machine's ceiling for these trials: the same fits (each trial's config, plain training, no tracking, no
+   Prefect), one after the other in one warm process with torch's default threads (as --parallel 1 trains)
+   against split over 2 warm worker processes of one torch thread each (as --parallel 2 trains).
+4. Prints, for K = 1 and 2: the whole command's wall time, the trials' span (first trial start to last trial
+   end, from the study), the ratio K=2 / K=1 of both (goal: whole command <= 0.7), the ceiling's ratio, and
+   checks that both runs ran the same trials.
 """
 
 from __future__ import annotations
@@ -89,6 +92,50 @@ def run(config: Path, trials: int, parallel: int, root: Path, api: str) -> dict:
     return {"seconds": seconds, "span": span.total_seconds(), "params": params, "trials": len(study.trials)}
 
 
+def _fit_once(job: tuple[str, str]) -> float:
+    """One fit of the config at `job[0]` with the trial params `job[1]` (JSON, as the study stores them) on its
+    prepared data, no tracking; seconds."""
+    from torchcycle.config import load_config, with_params
+    from torchcycle.models.training import resolve_device
+    from torchcycle.tasks.features import build_features
+    from torchcycle.tasks.ingest import ingest
+    from torchcycle.tasks.preprocess import preprocess
+    from torchcycle.tasks.train import train
+    from torchcycle.tasks.tune import config_values
+
+    base = load_config(job[0], ["tune.pruner=none"])
+    cfg = with_params(base, config_values(base, json.loads(job[1])))
+    prepared = build_features(preprocess(ingest(cfg.data), cfg.data, cfg.seed), cfg.features, cfg.drift)
+    start = time.perf_counter()
+    train(prepared, cfg.model, cfg.train, seed=cfg.seed, device=resolve_device("cpu"), progress=False)
+    return time.perf_counter() - start
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def ceiling(config: Path, params: list[str]) -> tuple[float, float]:
+    """Seconds for the fits of `params` one after the other in this process (torch's default threads, as
+    --parallel 1 trains), and split over 2 worker processes of one torch thread each (as --parallel 2 does)."""
+    import multiprocessing as mp
+
+    jobs = [(str(config), p) for p in params]
+    _fit_once(jobs[0])  # warm: imports, first allocations
+    start = time.perf_counter()
+    for job in jobs:
+        _fit_once(job)
+    alone = time.perf_counter() - start
+    with mp.get_context("spawn").Pool(2, initializer=_one_thread) as pool:
+        pool.map(_fit_once, jobs[:2])  # warm both workers
+        start = time.perf_counter()
+        pool.map(_fit_once, jobs, chunksize=1)
+        split = time.perf_counter() - start
+    return alone, split
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "digits_mlp.yaml")
@@ -105,6 +152,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    alone, split = ceiling(args.config.resolve(), one["params"])
     same = one["params"] == two["params"]
     print(f"{args.config.name}: {args.trials} trials, random sampler, no pruning; {os.cpu_count()} CPU cores,")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; one Prefect server for both runs")
@@ -114,6 +162,11 @@ def main() -> None:
     ratio, span_ratio = two["seconds"] / one["seconds"], two["span"] / one["span"]
     verdict = "met" if ratio <= GOAL else "NOT met"
     print(f"{'ratio 2/1':14}{ratio:>11.2f}{span_ratio:>15.2f}   goal: command <= {GOAL} ({verdict})")
+    n = len(one["params"])
+    print(f"{'bare fits':14}{'':>11}{alone:>15.1f}   the same {n} trials' fits in one process, no tracking")
+    print(
+        f"{'  2 processes':14}{'':>11}{split:>15.1f}   one torch thread each: the machine's ceiling {split / alone:.2f}"
+    )
     print(f"same trials in both runs: {'yes' if same else 'NO'} ({one['trials']} and {two['trials']})")
     if not same:
         raise SystemExit(1)

@@ -98,6 +98,8 @@ def tune(
     winner = s.winner
     return {
         "study": s.study,
+        "run_id": s.parent_run_id,
+        "flow_run_id": s.flow_run_id,  # the tuning flow run: its trials are its task runs
         "trials": s.counts,
         "best_trial": s.best_number,
         "best_value": s.best_value,

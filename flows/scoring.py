@@ -38,9 +38,10 @@ WORKER_WAIT_S = 60  # a scheduler with no worker by then: the run stops (exit 3)
 DASK_CONNECT_TIMEOUT_S = 15  # a scheduler that does not answer by then is down (exit 3)
 
 
-def dask_runner(workers: int = 0, address: str | None = None) -> Any:
+def dask_runner(workers: int = 0, address: str | None = None, torch_threads: int | None = None) -> Any:
     """The Dask task runner for `workers` local worker processes or the scheduler at `address`; None: none
-    (everything in this process). One thread per worker: torch already uses the cores it is given."""
+    (everything in this process). One thread per worker: torch already uses the cores it is given, which is one
+    (Dask's default OMP_NUM_THREADS=1) unless `torch_threads` says otherwise."""
     if not workers and not address:
         return None
     import logging
@@ -58,6 +59,7 @@ def dask_runner(workers: int = 0, address: str | None = None) -> Any:
             # Workers log a failed heartbeat as an ERROR with a traceback when the cluster closes; the units'
             # own errors come back through their futures.
             "silence_logs": logging.CRITICAL,
+            **({"env": {"OMP_NUM_THREADS": str(torch_threads)}} if torch_threads else {}),
         }
     )
 

@@ -151,19 +151,41 @@ def _quiet_optuna() -> None:
 
 
 def storage(url: str) -> Any:
-    """Optuna's RDB storage at `url`, with heartbeats: a trial silent for GRACE_S is stale."""
+    """Optuna's RDB storage at `url`, with heartbeats: a trial silent for GRACE_S is stale.
+
+    A SQLite file is put in WAL mode with synchronous=NORMAL: every trial reports every epoch, and with SQLite's
+    default journal each report is a commit with an fsync that the other trials' reports queue behind (two
+    parallel trials took twice as long each). WAL needs a local disk, not a network file system: studies shared
+    between machines belong in PostgreSQL."""
     import optuna
 
     _quiet_optuna()
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
+    sqlite = url.startswith("sqlite:///")
+    if sqlite:
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _wal(path)
+    st = optuna.storages.RDBStorage(
         url,
         heartbeat_interval=HEARTBEAT_S,
         grace_period=GRACE_S,
         # several trials write at once: wait for SQLite's lock rather than fail on it
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
     )
+    if sqlite:
+        from sqlalchemy import event
+
+        event.listen(st.engine, "connect", lambda conn, _record: conn.execute("PRAGMA synchronous=NORMAL"))
+        st.engine.dispose()  # the connections opened before the listener: reopened with it
+    return st
+
+
+def _wal(path: Path) -> None:
+    """WAL is a property of the database file: set once, every later connection uses it."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 def make_sampler(tune: TuneSection, seed: int, parallel: int) -> Any:
@@ -232,18 +254,18 @@ def fail_stale(study: Any, wait_s: float = GRACE_S + HEARTBEAT_S) -> list[int]:
     looks alive. Those still beating after that belong to a live `tune` of the same study and are left."""
     import optuna
 
-    deadline = time.monotonic() + wait_s
+    running_state = (optuna.trial.TrialState.RUNNING,)
+    deadline, failed = time.monotonic() + wait_s, []
     while True:
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+        running = {t.number for t in study.get_trials(deepcopy=False, states=running_state)}
+        if not running:
+            return sorted(failed)
         optuna.storages.fail_stale_trials(study)
-        running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-        failed = before - running
-        if failed or not running or time.monotonic() > deadline:
-            return sorted(
-                t.number
-                for t in study.get_trials(deepcopy=False)
-                if t.number in failed and t.state == optuna.trial.TrialState.FAIL
-            )
+        now = {t.number: t.state for t in study.get_trials(deepcopy=False) if t.number in running}
+        still = {n for n, state in now.items() if state == optuna.trial.TrialState.RUNNING}
+        failed += [n for n, state in now.items() if state == optuna.trial.TrialState.FAIL]
+        if not still or time.monotonic() > deadline:
+            return sorted(failed)
         time.sleep(1.0)
 
 
@@ -300,23 +322,35 @@ class TrialResult:
 
 
 class _Report:
-    """Epoch callback of a trial: the epoch's metrics to its MLflow run, its value to Optuna; raises
-    optuna.TrialPruned when the pruner stops the trial."""
+    """Epoch callback of a trial: its value to Optuna every epoch, raising optuna.TrialPruned when the pruner
+    stops the trial; the epoch's metrics to the trial's MLflow run, sent at most once a second (`flush` sends
+    the rest): a commit per epoch per trial is what parallel trials queue behind on an embedded store."""
 
-    def __init__(self, trial: Any, log: Any, direction: Direction) -> None:
-        self.trial, self.log, self.direction = trial, log, direction
+    def __init__(self, trial: Any, client: Any, run_id: str, direction: Direction) -> None:
+        self.trial, self.client, self.run_id, self.direction = trial, client, run_id, direction
         self.last: float | None = None
         self.epochs = 0
+        self.pending: list[Any] = []
+        self.sent = time.monotonic()
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         import optuna
+        from mlflow.entities import Metric
 
-        self.log(epoch, metrics)
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        if time.monotonic() - self.sent >= 1.0:
+            self.flush()
         self.epochs = epoch
         self.last = epoch_value(metrics, self.direction)
         self.trial.report(self.last, epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):  # log_batch takes at most 1000 metrics
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending, self.sent = [], time.monotonic()
 
 
 def trial_prepared(plan: TrialPlan, raw: RawData, base: ExperimentConfig, prepared: Prepared) -> Prepared:
@@ -336,7 +370,6 @@ def run_trial(plan: TrialPlan, prepared: Prepared) -> TrialResult:
 
     from torchcycle.models.training import resolve_device
     from torchcycle.tasks.train import train
-    from torchcycle.tracking import MlflowEpochLogger
 
     cfg, client = plan.config, MlflowClient(plan.tracking_uri)
     tags = {
@@ -353,7 +386,7 @@ def run_trial(plan: TrialPlan, prepared: Prepared) -> TrialResult:
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
     study = optuna.load_study(study_name=plan.study, storage=storage(plan.storage_url), pruner=make_pruner(cfg.tune))
-    report = _Report(optuna.trial.Trial(study, plan.trial_id), MlflowEpochLogger(client, run_id), plan.direction)
+    report = _Report(optuna.trial.Trial(study, plan.trial_id), client, run_id, plan.direction)
     start = time.perf_counter()
     try:
         trained = train(
@@ -366,14 +399,18 @@ def run_trial(plan: TrialPlan, prepared: Prepared) -> TrialResult:
             progress=False,
         )
     except optuna.TrialPruned:
+        report.flush()
         client.set_tag(run_id, "torchcycle.trial_state", "PRUNED")
         client.set_terminated(run_id, "FINISHED")
         seconds = time.perf_counter() - start
         return TrialResult(plan.number, "PRUNED", report.last, report.epochs, run_id, seconds, {}, _process())
     except BaseException:
+        with contextlib.suppress(Exception):  # the curve so far; the trial's own error is the one raised
+            report.flush()
         client.set_tag(run_id, "torchcycle.trial_state", "FAIL")
         client.set_terminated(run_id, "FAILED")
         raise
+    report.flush()
     metrics = validation_metrics(trained, prepared)
     store_cached(stage_key("train", cfg.config_hash(), plan.data_digest), trained)
     now = int(time.time() * 1000)

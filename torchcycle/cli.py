@@ -269,7 +269,9 @@ def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
 def tune(
     config: Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML with a tune: section.")],
     trials: Annotated[int, typer.Option(min=1, max=100_000, help="Finished trials the study should hold.")],
-    parallel: Annotated[int, typer.Option(min=1, max=256, help="Trials run at once (threads; Dask with --dask).")] = 1,
+    parallel: Annotated[
+        int, typer.Option(min=1, max=256, help="Trials at once: local worker processes (or on the --dask cluster).")
+    ] = 1,
     study: Annotated[
         str | None, typer.Option(help="Study name: resumes that study (default: a new one, NAME-DATE-TIME).")
     ] = None,
@@ -308,7 +310,11 @@ def tune(
     from torchcycle.flows.tuning import tune_study
 
     _quiet_console_tracebacks()
-    summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout, storage=url)
+    with contextlib.ExitStack() as stack:
+        if parallel > 1 and not dask:  # a local Dask cluster: its workers report to the API this flow uses
+            _quiet_dask_logs()
+            _share_api_with_local_workers(stack)
+        summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout, storage=url)
     _print_tuning(summary)
     if as_json:
         winner = summary.winner
@@ -437,12 +443,7 @@ def predict(
         if workers or dask:
             _quiet_dask_logs()
         if workers:
-            from prefect.settings import PREFECT_API_URL
-
-            from torchcycle.local_server import shared_temporary_api
-
-            if not PREFECT_API_URL.value():  # the workers must report to the API this flow uses
-                stack.enter_context(shared_temporary_api())
+            _share_api_with_local_workers(stack)
         try:
             result = score_files(
                 model, input_, output, workers, dask, id_cols=id_col or [], batch_rows=batch_rows, unit_rows=unit_rows
@@ -478,6 +479,17 @@ def predict(
 
 
 DASK_ENV = "TORCHCYCLE_DASK_ADDRESS"
+
+
+def _share_api_with_local_workers(stack: contextlib.ExitStack) -> None:
+    """Without PREFECT_API_URL, start the temporary API here and name it in the environment local Dask workers
+    are spawned from, so they report to the API this flow uses."""
+    from prefect.settings import PREFECT_API_URL
+
+    from torchcycle.local_server import shared_temporary_api
+
+    if not PREFECT_API_URL.value():
+        stack.enter_context(shared_temporary_api())
 
 
 def _dask_address(text: str) -> str:

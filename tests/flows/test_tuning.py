@@ -112,21 +112,31 @@ def test_digits_mlp_study_of_12_trials_prunes_nests_and_registers_the_winner(tmp
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_parallel_trials_are_overlapping_prefect_task_runs_of_one_study(tmp_path: Path, tracking_uri) -> None:
+def test_the_tune_deployments_flow_runs_parallel_trials_as_overlapping_task_runs_in_worker_processes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """What a run of the `tune` deployment does, with parallel=2: a local Dask cluster of two processes."""
     from prefect.settings import PREFECT_API_URL
 
-    cfg = config_from_dict(_small(pruner="none", sampler="random"))
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    s = tune_study(cfg, 4, parallel=2, tracking_uri=tracking_uri, storage=url, study="par")
-    assert s.counts == {"COMPLETE": 4} and s.ran == 4
-    body = {"task_runs": {"name": {"like_": "trial-"}, "flow_run_id": {"any_": [s.flow_run_id]}}, "limit": 50}
-    found = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=body, timeout=30).json()
+    from torchcycle.flows.deployments import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the local workers report to this server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TORCHCYCLE_OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(_small(pruner="none", sampler="random")))
+    out = tune(config_path=str(tmp_path / "tune.yaml"), trials=4, parallel=2)
+    assert out["trials"] == {"COMPLETE": 4} and out["registered"] and out["model_version"] == "1"
+    body = {"task_runs": {"name": {"like_": "trial-"}}, "flow_runs": {"id": {"any_": [out["flow_run_id"]]}}}
+    found = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json={**body, "limit": 50}, timeout=30).json()
     runs = [r for r in found if r["name"].startswith("trial-")]  # like_ matches tidy-trial-runs too
     assert sorted(r["name"] for r in runs) == [f"trial-{i}" for i in range(4)]
     assert all(r["state"]["type"] == "COMPLETED" for r in runs)
     spans = sorted((r["start_time"], r["end_time"]) for r in runs)
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # two ran at once
-    assert len(_children(MlflowClient(tracking_uri), s.parent_run_id)) == 4
+    kids = _children(MlflowClient(uri), out["run_id"])
+    pids = {k.data.tags["torchcycle.trial_process"].rsplit(":", 1)[1] for k in kids}
+    assert len(kids) == 4 and str(os.getpid()) not in pids and len(pids) == 2  # two worker processes
 
 
 def _finished(url: str, name: str) -> tuple[int, bool]:

@@ -158,7 +158,7 @@ def databases() -> Iterator[dict[str, str]]:
             pytest.fail(message)  # CI must run the production path, not skip it
         pytest.skip(message)
     suffix = uuid.uuid4().hex[:8]
-    names = {"mlflow": f"tc_mlflow_{suffix}", "prefect": f"tc_prefect_{suffix}"}
+    names = {"mlflow": f"tc_mlflow_{suffix}", "prefect": f"tc_prefect_{suffix}", "optuna": f"tc_optuna_{suffix}"}
     for db in names.values():
         _psql(f"CREATE DATABASE {db}")
     yield names
@@ -416,6 +416,47 @@ def test_cli_with_the_credentials_trains_registers_and_scores(stack: Stack) -> N
     assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-2000:]
     frame = pd.read_parquet(out)
     assert len(frame) == 25 and set(frame["model_version"].astype(str)) == {"1"}
+
+
+def test_tune_keeps_its_study_in_the_compose_postgres_and_tracks_on_the_server(
+    stack: Stack, databases: dict[str, str]
+) -> None:
+    """`torchcycle tune` with the worker's environment: the study in PostgreSQL by the compose URL (service name
+    `postgres`, .env's user), the parent and trial runs and the winner on the MLflow server, by name."""
+    import optuna
+
+    storage = stack.services["worker"]["environment"]["TORCHCYCLE_OPTUNA_STORAGE"]
+    assert "@postgres:5432/optuna" in storage
+    env = stack.proc_env("worker", TORCHCYCLE_OPTUNA_STORAGE=storage.replace("/optuna", f"/{databases['optuna']}"))
+    env.pop("TORCHCYCLE_DASK_ADDRESS")  # trials in this process: the Dask workers are the scoring tests'
+    name = f"{MODEL}-tune"
+    config = stack.tmp / "tune.yaml"
+    config.write_text(
+        (ROOT / "configs" / "wine_mlp.yaml").read_text()
+        + "tune:\n  space:\n    train.lr: {log_uniform: [1.0e-3, 3.0e-2]}\n  startup_trials: 1\n"
+    )
+    cmd = ["torchcycle", "tune", "--config", str(config), "--trials", "3", "--study", "prod", "--json"]
+    cmd += ["--set", f"name={name}", "--set", "train.epochs=5"]
+    done = stack.run(cmd, env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["registered"] and out["model_version"] == "1" and sum(out["trials"].values()) == 3
+    local = storage.replace("@postgres:", "@127.0.0.1:").replace("/optuna", f"/{databases['optuna']}")
+    study = optuna.load_study(study_name="prod", storage=local)
+    assert len(study.trials) == 3 and study.user_attrs["torchcycle.parent_run_id"] == out["run_id"]
+    body = {"experiment_ids": [_mlflow(stack, "runs/get", run_id=out["run_id"]).json()["run"]["info"]["experiment_id"]],
+            "filter": f"tags.mlflow.parentRunId = '{out['run_id']}'"}  # fmt: skip
+    auth = _login(SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    kids = httpx.post(
+        f"http://127.0.0.1:{stack.ports['mlflow']}/api/2.0/mlflow/runs/search",
+        json=body,
+        headers={"Host": _host(stack, "mlflow"), **auth},
+        timeout=30,
+    ).json()["runs"]
+    assert len(kids) == 3
+    champion = _mlflow(stack, "registered-models/alias", name=name, alias="champion").json()["model_version"]
+    tags = {t["key"]: t["value"] for t in champion["tags"]}
+    assert tags["torchcycle.study"] == "prod" and tags["torchcycle.trial"] == str(out["best_trial"])
 
 
 def _wine(n: int, seed: int, with_target: bool = True) -> pd.DataFrame:

@@ -129,8 +129,8 @@ def default_specs(
 ) -> tuple[DeploymentSpec, ...]:
     schedules = schedules or {}
     score_params: dict[str, Any] = {"model": model, "input": score_input, "output": score_output}
-    if score_dask:
-        score_params["dask"] = score_dask
+    dask_param = {"dask": score_dask} if score_dask else {}  # the tune deployment runs its trials there too
+    score_params.update(dask_param)
     return (
         DeploymentSpec(
             "retrain",
@@ -152,7 +152,7 @@ def default_specs(
             "tune",
             "tune",
             "An Optuna study of the config's tune.space; the winner is trained, registered and gated.",
-            {"config_path": config_path, "overrides": [], "trials": 20, "parallel": 1},
+            {"config_path": config_path, "overrides": [], "trials": 20, "parallel": 1, **dask_param},
             ("torchcycle", "tuning"),
             schedules.get("tune"),
         ),

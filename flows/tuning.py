@@ -33,6 +33,7 @@ from torchcycle.tasks.tune import (
     TrialResult,
     baseline_params,
     best_trial,
+    check_tunable,
     config_values,
     counts,
     default_storage,
@@ -42,6 +43,7 @@ from torchcycle.tasks.tune import (
     log_study_task,
     objective,
     open_study,
+    safe_url,
     study_run_task,
     suggest,
     tidy_trial_runs_task,
@@ -54,7 +56,7 @@ from torchcycle.tracking import finish_run_task, flow_run_id, resolve_tracking_u
 @dataclass(frozen=True)
 class TuningSummary:
     study: str
-    storage: str
+    storage: str  # the study storage's URL, password hidden
     parent_run_id: str
     metric: str  # the objective: val_accuracy, val_r2, ...
     counts: dict[str, int]  # trial state -> trials in the study (COMPLETE, PRUNED, FAIL)
@@ -101,8 +103,11 @@ def tuning_flow(
 ) -> TuningSummary:
     """Run (or resume) study `study` until it holds `trials` finished trials, `parallel` at a time; `timeout`:
     no trial starts after that many seconds. Then train, register and gate the winner."""
-    if not config.tune.space:
-        raise ConfigError(f"the config {config.name} has no tune.space: nothing to search (README: Tuning)")
+    check_tunable(config)
+    if trials < 1 or parallel < 1 or (timeout is not None and timeout <= 0):
+        raise ConfigError(f"trials ({trials}) and parallel ({parallel}) must be >= 1, timeout ({timeout}) > 0")
+    parallel = min(parallel, trials)
+    # storage None: resolved here from $TORCHCYCLE_OPTUNA_STORAGE, so a database password is no flow parameter
     uri, url, name = resolve_tracking_uri(tracking_uri), storage or default_storage(tracking_uri), study
     use_tracking_uri(uri)
     raw = ingest_task(config.data)
@@ -115,9 +120,10 @@ def tuning_flow(
     )
     name = name or study_name(config)
     the_study = open_study(config, name, url, direction, parallel)
+    get_run_logger().info("study %s in %s (resume it with --study %s)", name, safe_url(url), name)
     parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
     _take_over(the_study, config, uri, parent)
-    plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest)
+    plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
     try:
         ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
         log_study_task(uri, parent, the_study, metric)
@@ -130,7 +136,7 @@ def tuning_flow(
     finish_run_task(uri, parent)
     summary = TuningSummary(
         name,
-        url,
+        safe_url(url),
         parent,
         metric,
         counts(the_study),
@@ -183,6 +189,7 @@ class _Plan:
     metric: str
     direction: str
     data_digest: str
+    epochs: int
 
     def for_trial(self, trial: Any, experiment_id: str) -> TrialPlan:
         params = suggest(trial, self.config.tune.space)
@@ -199,47 +206,88 @@ class _Plan:
             self.metric,
             self.direction,
             self.data_digest,
+            self.epochs,
         )
 
 
 def _run_trials(
     study: Any, plan: _Plan, trials: int, parallel: int, timeout: float | None, raw: RawData, prepared: Prepared
 ) -> int:
-    """Ask, run and tell trials until the study holds `trials` finished ones; returns how many this run did.
-    A trial that fails stops new ones; the error is raised once the running ones are told."""
+    """Ask, run and tell trials until the study holds `trials` finished ones (trials another live run of the study
+    is running count too); returns how many this run finished. A failed trial (diverged, out of memory, a NaN
+    objective) is told as failed and another is asked, up to tune.max_failures in this run: then the last error
+    is raised once the running trials are told. Interrupted, the running trials are told as failed."""
     from mlflow.tracking import MlflowClient
 
     exp_id = MlflowClient(plan.tracking_uri).get_run(plan.parent_run_id).info.experiment_id
     deadline = None if timeout is None else time.monotonic() + timeout
     running: dict[Any, Any] = {}  # future -> its optuna trial
     alive: set[int] = set()  # trial ids the heartbeat thread marks
-    ran, error = 0, None
+    ran, failures, error = 0, 0, None
     with heartbeats(study, alive):
-        while True:
-            finished = sum(counts(study).get(s, 0) for s in FINISHED)
-            room = error is None and (deadline is None or time.monotonic() < deadline)
-            while room and len(running) < parallel and finished + len(running) < trials:
-                trial = study.ask()
-                study._storage.record_heartbeat(trial._trial_id)  # a trial without one never goes stale
-                alive.add(trial._trial_id)
-                running[trial_task.submit(plan.for_trial(trial, exp_id), raw, plan.config, prepared)] = trial
-            if not running:
-                break
-            future = next(as_completed(list(running)))  # the first to finish: its slot is free again
-            trial = running.pop(future)
-            alive.discard(trial._trial_id)
-            try:
-                result: TrialResult = future.result()
-            except Exception as err:  # told as failed; the first failure is the one raised
-                study.tell(trial, state=_state("FAIL"))
-                error = error or err
-                continue
-            ran += 1
-            _tell(study, trial, result)
-            _progress(study, result, plan.metric, trials)
+        try:
+            while True:
+                n = counts(study)
+                room = error is None and (deadline is None or time.monotonic() < deadline)
+                while (
+                    room
+                    and len(running) < parallel
+                    and n.get("COMPLETE", 0) + n.get("PRUNED", 0) + n.get("RUNNING", 0) < trials
+                ):
+                    trial = _start(study, plan, exp_id, raw, prepared, running, alive)
+                    n["RUNNING"] = n.get("RUNNING", 0) + 1
+                if not running:
+                    break
+                future = next(as_completed(list(running)))  # the first to finish: its slot is free again
+                trial = running.pop(future)
+                alive.discard(trial._trial_id)
+                failed = _finish(study, trial, future, plan.metric, trials)
+                ran, failures = ran + (failed is None), failures + (failed is not None)
+                if failed is not None and failures >= plan.config.tune.max_failures:
+                    error = failed
+        finally:  # Ctrl-C, SIGTERM, a lost scheduler: what still runs is told as failed, not left RUNNING
+            for trial in running.values():
+                study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
     if error is not None:
         raise error
     return ran
+
+
+def _start(study: Any, plan: _Plan, exp_id: str, raw: RawData, prepared: Prepared, running: dict, alive: set) -> Any:
+    """Ask for a trial and submit it; a trial that cannot even start is told as failed, not left RUNNING."""
+    trial = study.ask()
+    try:
+        study._storage.record_heartbeat(trial._trial_id)  # a trial without one never goes stale
+        alive.add(trial._trial_id)
+        running[trial_task.submit(plan.for_trial(trial, exp_id), raw, plan.config, prepared)] = trial
+    except BaseException:
+        alive.discard(trial._trial_id)
+        study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
+        raise
+    return trial
+
+
+def _finish(study: Any, trial: Any, future: Any, metric: str, trials: int) -> BaseException | None:
+    """Tell the study how a trial ended; the trial's error when it failed (None when it finished)."""
+    import math
+
+    try:
+        result: TrialResult = future.result()
+    except Exception as err:
+        study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
+        get_run_logger().warning("trial %d failed: %s", trial.number, str(err).splitlines()[0][:300])
+        return err
+    if result.state == "COMPLETE" and not math.isfinite(result.value):
+        study.tell(trial, state=_state("FAIL"), skip_if_finished=True)  # Optuna would fail it, and only warn
+        err = FloatingPointError(f"trial {trial.number}: the objective {metric} is {result.value}")
+        get_run_logger().warning("%s", err)
+        return err
+    if result.state == "PRUNED":
+        study.tell(trial, state=_state("PRUNED"), skip_if_finished=True)
+    else:
+        study.tell(trial, result.value, skip_if_finished=True)
+    _progress(study, result, metric, trials)
+    return None
 
 
 def _progress(study: Any, result: TrialResult, metric: str, trials: int) -> None:
@@ -256,13 +304,6 @@ def _progress(study: Any, result: TrialResult, metric: str, trials: int) -> None
         now,
         trials,
     )
-
-
-def _tell(study: Any, trial: Any, result: TrialResult) -> None:
-    if result.state == "PRUNED":
-        study.tell(trial, state=_state("PRUNED"))
-    else:
-        study.tell(trial, result.value)
 
 
 def _state(name: str) -> Any:

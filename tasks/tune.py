@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import threading
 import time
@@ -55,8 +56,20 @@ def default_storage(tracking_uri: str | None = None) -> str:
     if explicit:
         return explicit
     uri = tracking_uri or resolve_tracking_uri()
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlflow").resolve()
-    return f"sqlite:///{folder / 'optuna.db'}"
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlflow")
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+
+
+def check_tunable(cfg: ExperimentConfig) -> None:
+    """What a study needs of its config beyond a valid config (ConfigError): something to search, and validation
+    rows of their own to judge trials on."""
+    if not cfg.tune.space:
+        raise ConfigError(f"the config {cfg.name} has no tune.space: nothing to search (README: Tuning)")
+    if cfg.data.val_size == 0:
+        raise ConfigError(
+            "data.val_size is 0: trials would be judged on their own training rows; give the study a validation "
+            "split (e.g. --set data.val_size=0.1)"
+        )
 
 
 def objective(metric: str) -> tuple[str, Direction]:
@@ -117,7 +130,7 @@ def _current(cfg: ExperimentConfig, key: str) -> Any:
 
 def _inside(space: ParamSpace, value: Any) -> bool:
     if space.choice is not None:
-        return json.dumps(value, sort_keys=True) in {json.dumps(c, sort_keys=True) for c in space.choice}
+        return to_optuna(space, value) in [to_optuna(space, c) for c in space.choice]
     low, high = space.uniform or space.log_uniform or space.int_
     return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
@@ -197,27 +210,30 @@ def make_sampler(tune: TuneSection, seed: int, parallel: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials, constant_liar=parallel > 1)
 
 
-def make_pruner(tune: TuneSection) -> Any:
+def make_pruner(tune: TuneSection, epochs: int) -> Any:
     import optuna
 
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource="auto")
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource=epochs)
     return optuna.pruners.NopPruner()
 
 
 def open_study(cfg: ExperimentConfig, name: str, url: str, direction: Direction, parallel: int) -> Any:
-    """Create the study, or load it to resume; a study of another search is refused (ConfigError)."""
+    """Create the study, or load it to resume; a study of another search is refused (ConfigError). The sampler
+    is seeded with the config's seed plus the trials the study holds, so a resumed study does not draw the
+    values its first run drew again."""
     import optuna
 
-    study = optuna.create_study(
+    st = storage(url)
+    study = optuna.create_study(study_name=name, storage=st, direction=direction, load_if_exists=True)
+    held = len(study.get_trials(deepcopy=False))
+    study = optuna.load_study(
         study_name=name,
-        storage=storage(url),
-        direction=direction,
-        sampler=make_sampler(cfg.tune, cfg.seed, parallel),
-        pruner=make_pruner(cfg.tune),
-        load_if_exists=True,
+        storage=st,
+        sampler=make_sampler(cfg.tune, (cfg.seed + held) % 2**32, parallel),
+        pruner=make_pruner(cfg.tune, cfg.train.epochs),
     )
     digest = search_digest(cfg)
     attrs = study.user_attrs
@@ -307,6 +323,7 @@ class TrialPlan:
     metric: str  # val_accuracy, val_r2, ...
     direction: Direction
     data_digest: str
+    epochs: int  # the base config's train.epochs (Hyperband's budget)
 
 
 @dataclass(frozen=True)
@@ -385,7 +402,8 @@ def run_trial(plan: TrialPlan, prepared: Prepared) -> TrialResult:
     items = [Param(k, v[:6000]) for k, v in cfg.flat_params().items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
-    study = optuna.load_study(study_name=plan.study, storage=storage(plan.storage_url), pruner=make_pruner(cfg.tune))
+    pruner = make_pruner(cfg.tune, plan.epochs)  # the base config's epochs: one pruner for the whole study
+    study = optuna.load_study(study_name=plan.study, storage=storage(plan.storage_url), pruner=pruner)
     report = _Report(optuna.trial.Trial(study, plan.trial_id), client, run_id, plan.direction)
     start = time.perf_counter()
     try:
@@ -414,8 +432,9 @@ def run_trial(plan: TrialPlan, prepared: Prepared) -> TrialResult:
     metrics = validation_metrics(trained, prepared)
     store_cached(stage_key("train", cfg.config_hash(), plan.data_digest), trained)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-    client.set_tag(run_id, "torchcycle.trial_state", "COMPLETE")
+    # final_*: the weights the trial ends with (the best epoch's, with patience); val_* are the per-epoch curves
+    client.log_batch(run_id, metrics=[Metric(f"final_{k}", v, now, 0) for k, v in metrics.items()])
+    client.set_tag(run_id, "torchcycle.trial_state", "COMPLETE" if math.isfinite(metrics[plan.metric]) else "FAIL")
     client.set_terminated(run_id, "FINISHED")
     seconds = time.perf_counter() - start
     value = metrics[plan.metric]
@@ -532,7 +551,8 @@ def study_run_task(tracking_uri: str, cfg: ExperimentConfig, study: Any, storage
 @task(name="tidy-trial-runs", **io_task_options())
 def tidy_trial_runs_task(tracking_uri: str, parent_run_id: str, states: dict[int, str]) -> int:
     """Child runs a killed study left RUNNING: KILLED for trials that failed, FINISHED for trials the study
-    recorded as finished before the kill reached their run. Returns how many were fixed."""
+    recorded as finished before the kill reached their run; runs of trials still running are left. Returns how
+    many were fixed."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -542,11 +562,15 @@ def tidy_trial_runs_task(tracking_uri: str, parent_run_id: str, states: dict[int
         f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
         max_results=10_000,
     )
+    fixed = 0
     for run in runs:
         state = states.get(int(run.data.tags.get("torchcycle.trial", -1)), "FAIL")
+        if state == "RUNNING":  # a live `tune` of the same study is training it
+            continue
         client.set_tag(run.info.run_id, "torchcycle.trial_state", state)
         client.set_terminated(run.info.run_id, "FINISHED" if state in FINISHED else "KILLED")
-    return len(runs)
+        fixed += 1
+    return fixed
 
 
 @task(name="log-study", **io_task_options())

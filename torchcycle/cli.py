@@ -117,8 +117,9 @@ def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from torchcycle.errors import ConfigError, DataError
 
-    # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing
-    return (ConfigError, DataError, *_loaded("torchcycle.models.training", "OutOfMemory"))
+    # OutOfMemory too: its message names the batch size to try, a stack trace would add nothing; and a
+    # diverged training (FloatingPointError: "lower train.lr")
+    return (ConfigError, DataError, FloatingPointError, *_loaded("torchcycle.models.training", "OutOfMemory"))
 
 
 def _tracking_failure(err: BaseException) -> tuple[str, int] | None:
@@ -294,17 +295,24 @@ def tune(
     _setup_env()
     from torchcycle.config import load_config
     from torchcycle.errors import ConfigError
+    from torchcycle.tasks.tune import STORAGE_ENV, check_tunable
 
     cfg = load_config(config, set_ or [])
-    if not cfg.tune.space:
-        raise ConfigError(f"{config} has no tune.space: nothing to search (README: Tuning)")
+    check_tunable(cfg)
     if study is not None and not _STUDY_NAME.fullmatch(study):
         raise ConfigError(f"--study '{study}' is not a study name: letters, digits, . _ - (at most 200)")
     _preflight(cfg)
     url = _optuna_storage(storage)
+    os.environ[STORAGE_ENV] = url  # the flow reads it there: a password in the URL is no flow-run parameter
     dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
     if dask:
         dask = _dask_address(dask)
+        host = dask.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+        if url.startswith("sqlite") and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(
+                f"the study storage {url} is a file on this machine, which the Dask workers at {dask} cannot share: "
+                "give --storage postgresql+psycopg://... (or TORCHCYCLE_OPTUNA_STORAGE)"
+            )
         _check_dask_answers(dask)
         _quiet_dask_logs()
     from torchcycle.flows.tuning import tune_study
@@ -314,7 +322,7 @@ def tune(
         if parallel > 1 and not dask:  # a local Dask cluster: its workers report to the API this flow uses
             _quiet_dask_logs()
             _share_api_with_local_workers(stack)
-        summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout, storage=url)
+        summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout)
     _print_tuning(summary)
     if as_json:
         winner = summary.winner
@@ -752,6 +760,9 @@ def _deployment_specs(
         raise _fail(str(err)) from None
     dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
     specs = default_specs(config, model, score_input, score_output, chosen, _dask_address(dask) if dask else None)
+    if cfg is not None and not cfg.tune.space:  # a study of it would stop at once: "no tune.space"
+        specs = tuple(s for s in specs if s.name != "tune")
+        typer.echo(f"tune: not deployed: {config} has no tune.space")
     return specs, (cfg.name if cfg else None, cooldown)
 
 

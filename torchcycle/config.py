@@ -438,8 +438,11 @@ class DeploymentSection(_Strict):
 
 
 # ---- hyper-parameter search (torchcycle tune) ---------------------------------------------------------
-# Keys a search may not vary: who the model is, where it is tracked, what decides, when it runs.
-_UNTUNABLE = ("name", "experiment", "gate", "deployment", "tune", "model.kind")
+# Keys a search may not vary: who the model is, where it is tracked, what decides, when it runs, and what the
+# trials are judged on (the data and its split: every trial must be scored on the same validation rows).
+_UNTUNABLE = ("name", "experiment", "gate", "deployment", "tune", "model.kind", "seed", "data")
+_SECTIONS = ("features", "model", "train", "drift")  # a whole section is no setting to sample
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4: YAML 1.1 reads it as text
 _SCALARS = (type(None), bool, int, float, str)
 
 
@@ -453,6 +456,12 @@ class ParamSpace(_Strict):
     choice: list[Any] | None = Field(None, min_length=1)  # any YAML values: 0.1, adam, [128, 64]
     log: bool = False  # int only: sample on a log scale
     step: float | None = Field(None, gt=0)  # uniform / int only: a grid of this spacing from low
+
+    @field_validator("choice")
+    @classmethod
+    def _numbers(cls, v: list[Any] | None) -> list[Any] | None:
+        """`1e-4` in YAML is text (YAML 1.1 wants 1.0e-4); as a choice it means the number."""
+        return None if v is None else [float(c) if isinstance(c, str) and _YAML11_FLOAT.match(c) else c for c in v]
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpace:
@@ -484,10 +493,17 @@ class ParamSpace(_Strict):
         return self
 
     def extremes(self) -> list[Any]:
-        """The values that bound what this distribution can give: each must make a valid config."""
+        """Values that bound what this distribution can give, each of which must make a valid config: the bounds,
+        and for a float range one point between them that is no whole number (an integer setting refuses it)."""
         if self.choice is not None:
             return list(self.choice)
-        return list(self.uniform or self.log_uniform or self.int_)
+        if self.int_ is not None:
+            return list(self.int_)
+        low, high = self.uniform or self.log_uniform
+        inner = low + 0.37 * (high - low) if self.uniform else (low * (high / low) ** 0.37)
+        if inner == int(inner):
+            inner = math.nextafter(inner, high)
+        return [low, high, inner]
 
     def describe(self) -> str:
         if self.choice is not None:
@@ -513,6 +529,7 @@ class TuneSection(_Strict):
     startup_trials: int = Field(5, ge=0, le=10_000)  # trials before TPE models and the median pruner prunes
     warmup_epochs: int = Field(5, ge=0)  # epochs a trial always gets before it can be pruned
     baseline: bool = True  # the first trial is the config's own values (when they lie in the space)
+    max_failures: int = Field(3, ge=1, le=10_000)  # failed trials (diverged, out of memory...) before a run stops
 
     @field_validator("space")
     @classmethod
@@ -521,8 +538,9 @@ class TuneSection(_Strict):
         for key in v:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
                 problems.append(((key,), "not a dotted config key such as train.lr"))
-            elif any(key == u or key.startswith(u + ".") for u in _UNTUNABLE):
-                problems.append(((key,), f"cannot be tuned ({', '.join(_UNTUNABLE)} are fixed by the config)"))
+            elif any(key == u or key.startswith(u + ".") for u in _UNTUNABLE) or key in _SECTIONS:
+                fixed = ", ".join(_UNTUNABLE)
+                problems.append(((key,), f"cannot be tuned ({fixed} and whole sections are fixed by the config)"))
         if problems:
             raise _problems("TuneSection", problems)
         return v
@@ -668,6 +686,8 @@ def _space_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
                 )
                 if where and where != key and first["type"] == "extra_forbidden":
                     msg = f"is not a config setting ({where} is unknown)"
+                if first["type"] == "int_from_float":
+                    msg += f" (a whole-number setting: use int: [{space.extremes()[0]:g}, {space.extremes()[1]:g}])"
                 problems.append((("tune", "space", key), msg))
                 break
     return problems

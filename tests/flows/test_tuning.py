@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from torchcycle.config import config_from_dict, load_config
 from torchcycle.flows.tuning import tune_study
-from torchcycle.tasks.tune import GRACE_S, baseline_params, config_values, epoch_value
+from torchcycle.tasks.tune import baseline_params, config_values, epoch_value
 
 BIN = Path(sys.executable).parent
 
@@ -93,7 +93,7 @@ def test_digits_mlp_study_of_12_trials_prunes_nests_and_registers_the_winner(tmp
         if t.state.name == "PRUNED":
             assert epochs < cfg.train.epochs and epochs == max(t.intermediate_values)
         else:
-            assert epochs == cfg.train.epochs and run.data.metrics["val_accuracy"] == pytest.approx(t.value)
+            assert epochs == cfg.train.epochs and run.data.metrics["final_val_accuracy"] == pytest.approx(t.value)
     plots = {a.path for a in client.list_artifacts(s.parent_run_id, "plots")}
     assert plots == {f"plots/{n}.png" for n in ("optimization_history", "parallel_coordinate", "param_importances")}
     parent = client.get_run(s.parent_run_id)
@@ -136,7 +136,7 @@ def test_the_tune_deployments_flow_runs_parallel_trials_as_overlapping_task_runs
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # two ran at once
     kids = _children(MlflowClient(uri), out["run_id"])
     pids = {k.data.tags["torchcycle.trial_process"].rsplit(":", 1)[1] for k in kids}
-    assert len(kids) == 4 and str(os.getpid()) not in pids and len(pids) == 2  # two worker processes
+    assert len(kids) == 4 and pids and str(os.getpid()) not in pids  # trained in the worker processes
 
 
 def _finished(url: str, name: str) -> tuple[int, bool]:
@@ -174,10 +174,9 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
     parent = study.user_attrs["torchcycle.parent_run_id"]
     assert Counter(t.state.name for t in study.trials)["RUNNING"] == 1  # killed inside a trial
 
-    start = time.monotonic()
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert time.monotonic() - start >= GRACE_S  # the killed trial was judged stale by its heartbeat, not guessed
+    assert "of an earlier run were left running: failed" in again.stdout + again.stderr  # judged by its heartbeat
     out = json.loads(again.stdout.strip().splitlines()[-1])
     assert out["run_id"] == parent and out["registered"]  # the same study run, resumed
     study = optuna.load_study(study_name="s", storage=url)
@@ -211,6 +210,11 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
         (["--trials", "3", "--set", "tune.space={train.lr: {uniform: [0, 1]}}"], "train.lr: Input should be greater"),
         (["--trials", "3", "--set", "tune.space={name: {choice: [a, b]}}"], "cannot be tuned"),
         (["--trials", "3", "--set", "tune.pruner=asha"], "tune.pruner"),
+        (["--trials", "3", "--set", "tune.space={train.epochs: {uniform: [1, 10]}}"], "use int: [1, 10]"),
+        (["--trials", "3", "--set", "tune.space={seed: {int: [0, 3]}}"], "cannot be tuned"),
+        (["--trials", "3", "--set", "tune.space={model: {choice: [{kind: cnn}]}}"], "cannot be tuned"),
+        (["--trials", "3", "--set", "data.val_size=0"], "data.val_size is 0"),
+        (["--trials", "3", "--storage", "sqlite:////tmp/x.db", "--dask", "tcp://10.9.9.9:8786"], "cannot share"),
     ],
 )
 def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, monkeypatch, args, fragment) -> None:
@@ -227,6 +231,7 @@ def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, mon
     assert len(errors) == 1 and fragment in result.output, result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no store, no study, no cache
+    assert not Path("/tmp/x.db").exists()
 
 
 def test_a_study_resumed_with_another_search_is_refused(tmp_path: Path) -> None:
@@ -249,3 +254,28 @@ def test_the_tune_deployment_sits_beside_retrain_and_score_with_no_schedule() ->
     assert set(specs) == {"retrain", "score", "tune"}
     assert specs["tune"].parameters["config_path"] == "configs/digits_mlp.yaml"
     assert DEFAULT_SCHEDULES["tune"].kind == "off"  # on demand unless deployment.tune / --tune-schedule says
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_failed_trials_are_told_and_the_study_goes_on_until_max_failures(tmp_path: Path, tracking_uri) -> None:
+    """SGD at lr 1e9 diverges (FloatingPointError): those trials are FAIL, others are asked; all failing stops the
+    run after tune.max_failures with the trials' own error, the study run FAILED."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    mixed = _small(sampler="random", pruner="none", max_failures=20)
+    mixed["train"]["optimizer"] = "sgd"
+    mixed["tune"]["space"] = {"train.lr": {"choice": [0.01, 1e9]}}
+    s = tune_study(config_from_dict(mixed), 3, tracking_uri=tracking_uri, storage=url, study="mixed")
+    states = Counter(t.state.name for t in optuna.load_study(study_name="mixed", storage=url).trials)
+    assert states["COMPLETE"] == 3 and states["FAIL"] >= 1 and s.winner is not None, states
+    assert all(v == 0.01 for v in s.best_params.values())
+    bad = _small(sampler="random", max_failures=2)
+    bad["train"]["optimizer"] = "sgd"
+    bad["tune"]["space"] = {"train.lr": {"choice": [1e9]}}
+    with pytest.raises(FloatingPointError, match=r"lower train\.lr"):
+        tune_study(config_from_dict(bad), 3, tracking_uri=tracking_uri, storage=url, study="bad")
+    study = optuna.load_study(study_name="bad", storage=url)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(study.user_attrs["torchcycle.parent_run_id"])
+    assert parent.info.status == "FAILED"
+    assert {k.data.tags["torchcycle.trial_state"] for k in _children(client, parent.info.run_id)} == {"FAIL"}

@@ -762,7 +762,6 @@ def _deployment_specs(
     specs = default_specs(config, model, score_input, score_output, chosen, _dask_address(dask) if dask else None)
     if cfg is not None and not cfg.tune.space:  # a study of it would stop at once: "no tune.space"
         specs = tuple(s for s in specs if s.name != "tune")
-        typer.echo(f"tune: not deployed: {config} has no tune.space")
     return specs, (cfg.name if cfg else None, cooldown)
 
 
@@ -782,6 +781,8 @@ def _with_server_schedules(specs):
 
     existing = read_existing(tuple((s.flow_name, s.name) for s in specs))
     specs, changes = resolve_schedules(specs, existing)
+    if all(s.name != "tune" for s in specs):  # left out by _deployment_specs
+        changes.append("tune: left out: the config has no tune.space")
     return specs, changes, existing
 
 

@@ -82,6 +82,7 @@ def tune_study(config: ExperimentConfig, trials: int, parallel: int = 1, dask: s
 
     from torchcycle.flows.scoring import dask_runner
 
+    parallel = max(1, min(parallel, trials))  # no more workers than trials
     if dask:
         runner = dask_runner(address=dask)
     elif parallel > 1:
@@ -245,9 +246,12 @@ def _run_trials(
                 ran, failures = ran + (failed is None), failures + (failed is not None)
                 if failed is not None and failures >= plan.config.tune.max_failures:
                     error = failed
-        finally:  # Ctrl-C, SIGTERM, a lost scheduler: what still runs is told as failed, not left RUNNING
-            for trial in running.values():
-                study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
+        finally:  # Ctrl-C, SIGTERM, a lost scheduler: what finished is told as it ended, the rest as failed
+            for future, trial in running.items():
+                if future.state.is_final():
+                    _finish(study, trial, future, plan.metric, trials)
+                else:
+                    study.tell(trial, state=_state("FAIL"), skip_if_finished=True)
     if error is not None:
         raise error
     return ran

@@ -72,6 +72,65 @@ def check_tunable(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_storage(url: str, cfg: ExperimentConfig, study: str | None) -> None:
+    """The study storage as the CLI edge checks it, before Prefect starts: a database that opens (ConfigError, or
+    StorageDown when a server does not answer) and, when `study` exists there, is a search of this config and
+    space. A SQLite file that does not exist yet is not created here."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    from torchcycle.errors import ServiceDown
+
+    shown = safe_url(url)
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()  # the driver is installed
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as err:
+        raise ConfigError(f"--storage {shown}: not a database URL this install can use ({err})") from None
+    if parsed.get_backend_name() == "sqlite":
+        where = parsed.database or ""
+        if where in ("", ":memory:"):
+            raise ConfigError(f"--storage {shown}: an in-memory study cannot be resumed; give sqlite:///PATH")
+        path = Path(where)
+        if path.is_dir():
+            raise ConfigError(f"--storage {shown}: {path} is a directory, not a database file")
+        if not path.exists():
+            if not path.parent.is_dir() and path.parent.exists():
+                raise ConfigError(f"--storage {shown}: {path.parent} is not a directory")
+            return
+        with path.open("rb") as f:
+            if path.stat().st_size and f.read(16) != b"SQLite format 3\x00":
+                raise ConfigError(f"--storage {shown}: {path} is not a SQLite database")
+    try:
+        create_engine(url, connect_args={"connect_timeout": 10} if "postgresql" in url else {}).connect().close()
+    except OperationalError as err:
+        reason = str(err.orig).strip()
+        if parsed.get_backend_name() == "sqlite" or "does not exist" in reason:  # ours to fix, not to wait for
+            hint = (
+                " (compose: docker compose exec postgres createdb -U torchcycle optuna)" if "database" in reason else ""
+            )
+            raise ConfigError(f"--storage {shown}: cannot open it ({reason[:200]}){hint}") from None
+        raise ServiceDown(f"the study storage {shown} does not answer ({reason[:200]})") from None
+    if study is not None:
+        _check_resume(url, cfg, study)
+
+
+def _check_resume(url: str, cfg: ExperimentConfig, name: str) -> None:
+    import optuna
+
+    _quiet_optuna()
+    if name not in optuna.get_all_study_names(storage=storage(url)):
+        return
+    attrs = optuna.load_study(study_name=name, storage=storage(url)).user_attrs
+    if attrs.get("torchcycle.search", search_digest(cfg)) != search_digest(cfg):
+        raise ConfigError(
+            f"study '{name}' in {safe_url(url)} is a search of another config or space (config "
+            f"{attrs.get('torchcycle.config', '?')}): resume it with the config it was started with, "
+            "or give a new --study name"
+        )
+
+
 def objective(metric: str) -> tuple[str, Direction]:
     return OBJECTIVES[metric]
 
@@ -485,6 +544,12 @@ def study_figures(study: Any) -> dict[str, bytes]:
 
     _quiet_optuna()
     out: dict[str, bytes] = {}
+    with warnings.catch_warnings():  # matplotlib's notes on flat axes of a young study: nothing to act on
+        warnings.simplefilter("ignore")
+        return _draw(study, out, plt, vis)
+
+
+def _draw(study: Any, out: dict[str, bytes], plt: Any, vis: Any) -> dict[str, bytes]:
     for name, plot in (
         ("optimization_history.png", vis.plot_optimization_history),
         ("parallel_coordinate.png", vis.plot_parallel_coordinate),

@@ -295,7 +295,7 @@ def tune(
     _setup_env()
     from torchcycle.config import load_config
     from torchcycle.errors import ConfigError
-    from torchcycle.tasks.tune import STORAGE_ENV, check_tunable
+    from torchcycle.tasks.tune import STORAGE_ENV, check_storage, check_tunable
 
     cfg = load_config(config, set_ or [])
     check_tunable(cfg)
@@ -303,6 +303,7 @@ def tune(
         raise ConfigError(f"--study '{study}' is not a study name: letters, digits, . _ - (at most 200)")
     _preflight(cfg)
     url = _optuna_storage(storage)
+    check_storage(url, cfg, study)
     os.environ[STORAGE_ENV] = url  # the flow reads it there: a password in the URL is no flow-run parameter
     dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
     if dask:

@@ -446,6 +446,19 @@ _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4: YAM
 _SCALARS = (type(None), bool, int, float, str)
 
 
+def _same_numbers(v: Any) -> Any:
+    """`v` with every int and float as a float tagged apart from bools, for telling equal choices apart."""
+    if isinstance(v, bool):
+        return ["bool", v]
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, list | tuple):
+        return [_same_numbers(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _same_numbers(x) for k, x in v.items()}
+    return v
+
+
 class ParamSpace(_Strict):
     """One key's distribution: exactly one of uniform / log_uniform / int / choice."""
 
@@ -487,7 +500,8 @@ class ParamSpace(_Strict):
         if kind == "int_" and self.step is not None and self.step != int(self.step):
             raise ValueError(f"an int step must be a whole number, got {self.step:g}")
         if kind == "choice":
-            texts = [json.dumps(v, sort_keys=True) for v in self.choice]
+            # 32 and 32.0 are one value to a setting; True and 1 are not (a bool setting takes no number)
+            texts = [json.dumps(_same_numbers(v), sort_keys=True) for v in self.choice]
             if len(set(texts)) != len(texts):
                 raise ValueError("choice lists a value twice")
         return self
@@ -558,6 +572,11 @@ class ExperimentConfig(_Strict):
     drift: DriftConfig = DriftConfig()
     deployment: DeploymentSection = DeploymentSection()  # when it runs, not what it trains: outside the hash
     tune: TuneSection = TuneSection()  # how `torchcycle tune` searches; outside the hash
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _empty_tune(cls, v: Any) -> Any:
+        return {} if v is None else v  # `tune:` with nothing under it
 
     @model_validator(mode="after")
     def _check_against_data(self) -> ExperimentConfig:

@@ -109,6 +109,12 @@ def test_digits_mlp_study_of_12_trials_prunes_nests_and_registers_the_winner(tmp
     for key, value in config_values(cfg, study.best_params).items():  # trained with the winner's values
         assert json.loads(trained.data.params[key]) == (list(value) if isinstance(value, list) else value)
     assert "test_accuracy" in trained.data.metrics  # the test split judged the winner, once
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"flow_runs": {"id": {"any_": [s.winner.flow_run_id]}}, "limit": 50}
+    found = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=body, timeout=30).json()
+    (train,) = [r for r in found if r["name"].startswith("train-")]
+    assert train["state"]["name"] == "Cached"  # the winner's weights are its trial's: not trained twice
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -193,6 +199,11 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
         assert run.data.tags["torchcycle.trial_state"] == t.state.name
         assert run.info.status == ("KILLED" if t.state.name == "FAIL" else "FINISHED")
     assert len(client.search_model_versions("name = 'tune-small'")) == 1
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["ran"] == 0 and not out["registered"] and out["model_version"] == "1"  # finished: nothing new
+    assert len(client.search_model_versions("name = 'tune-small'")) == 1
 
 
 @pytest.mark.parametrize(
@@ -215,6 +226,11 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
         (["--trials", "3", "--set", "tune.space={model: {choice: [{kind: cnn}]}}"], "cannot be tuned"),
         (["--trials", "3", "--set", "data.val_size=0"], "data.val_size is 0"),
         (["--trials", "3", "--storage", "sqlite:////tmp/x.db", "--dask", "tcp://10.9.9.9:8786"], "cannot share"),
+        (["--trials", "3", "--storage", "sqlite:////tmp"], "is a directory"),
+        (["--trials", "3", "--storage", "sqlite:////etc/hostname"], "is not a SQLite database"),
+        (["--trials", "3", "--storage", "sqlite://"], "in-memory"),
+        (["--trials", "3", "--storage", "foo://bar"], "not a database URL"),
+        (["--trials", "3", "--set", "tune.space={model.hidden: {choice: [[32], [32.0]]}}"], "lists a value twice"),
     ],
 )
 def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, monkeypatch, args, fragment) -> None:
@@ -232,6 +248,20 @@ def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, mon
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no store, no study, no cache
     assert not Path("/tmp/x.db").exists()
+
+
+def test_a_study_storage_server_that_does_not_answer_is_exit_3(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from torchcycle.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(_small()))
+    url = "postgresql+psycopg://u:secret@127.0.0.1:1/optuna"  # nothing listens on port 1
+    result = CliRunner().invoke(app, ["tune", "--config", "tune.yaml", "--trials", "2", "--storage", url])
+    assert result.exit_code == 3, result.output
+    assert "does not answer" in result.output and "secret" not in result.output  # the password stays hidden
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]
 
 
 def test_a_study_resumed_with_another_search_is_refused(tmp_path: Path) -> None:
@@ -279,3 +309,11 @@ def test_failed_trials_are_told_and_the_study_goes_on_until_max_failures(tmp_pat
     parent = client.get_run(study.user_attrs["torchcycle.parent_run_id"])
     assert parent.info.status == "FAILED"
     assert {k.data.tags["torchcycle.trial_state"] for k in _children(client, parent.info.run_id)} == {"FAIL"}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_timeout_starts_no_trial_after_it_and_trains_the_winner_so_far(tmp_path: Path, tracking_uri) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    s = tune_study(config_from_dict(_small()), 500, timeout=1, tracking_uri=tracking_uri, storage=url, study="t")
+    assert 1 <= s.counts["COMPLETE"] + s.counts.get("PRUNED", 0) < 500 and s.ran == sum(s.counts.values())
+    assert s.winner is not None and s.winner.model_version == "1"

@@ -444,15 +444,8 @@ def test_tune_keeps_its_study_in_the_compose_postgres_and_tracks_on_the_server(
     local = storage.replace("@postgres:", "@127.0.0.1:").replace("/optuna", f"/{databases['optuna']}")
     study = optuna.load_study(study_name="prod", storage=local)
     assert len(study.trials) == 3 and study.user_attrs["torchcycle.parent_run_id"] == out["run_id"]
-    body = {"experiment_ids": [_mlflow(stack, "runs/get", run_id=out["run_id"]).json()["run"]["info"]["experiment_id"]],
-            "filter": f"tags.mlflow.parentRunId = '{out['run_id']}'"}  # fmt: skip
-    auth = _login(SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
-    kids = httpx.post(
-        f"http://127.0.0.1:{stack.ports['mlflow']}/api/2.0/mlflow/runs/search",
-        json=body,
-        headers={"Host": _host(stack, "mlflow"), **auth},
-        timeout=30,
-    ).json()["runs"]
+    exp_id = _mlflow(stack, "runs/get", run_id=out["run_id"]).json()["run"]["info"]["experiment_id"]
+    kids = _search_runs(stack, exp_id, f"tags.mlflow.parentRunId = '{out['run_id']}'")
     assert len(kids) == 3
     champion = _mlflow(stack, "registered-models/alias", name=name, alias="champion").json()["model_version"]
     tags = {t["key"]: t["value"] for t in champion["tags"]}
@@ -495,15 +488,19 @@ def _scoring_runs(st: Stack) -> int:
     exp = _mlflow(st, "experiments/get-by-name", experiment_name="scoring")
     if exp.status_code != 200:
         return 0
-    body = {"experiment_ids": [exp.json()["experiment"]["experiment_id"]], "filter": f"params.model_name = '{MODEL}'"}
+    return len(_search_runs(st, exp.json()["experiment"]["experiment_id"], f"params.model_name = '{MODEL}'"))
+
+
+def _search_runs(st: Stack, experiment_id: str, filter_string: str) -> list[dict]:
+    """MLflow's runs/search as the worker calls it: Host mlflow:PORT, the admin login from .env."""
     auth = _login(SECRETS["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"])
     resp = httpx.post(
         f"http://127.0.0.1:{st.ports['mlflow']}/api/2.0/mlflow/runs/search",
-        json=body,
+        json={"experiment_ids": [experiment_id], "filter": filter_string},
         headers={"Host": _host(st, "mlflow"), **auth},
         timeout=30,
     )
-    return len(resp.json().get("runs", []))
+    return resp.json().get("runs", [])
 
 
 def _versions(st: Stack) -> list[dict]:

@@ -684,7 +684,9 @@ def test_drift_events_start_one_retrain_per_cooldown_through_the_automation(stac
     config.write_text(
         f"name: {name}\nexperiment: prod-drift\ndata: {{source: 'file:{tmp}/training/*.parquet', target: target}}\n"
         "model: {kind: mlp, hidden: [16]}\ntrain: {epochs: 5, patience: 0, lr: 0.01}\n"
-        "deployment: {drift_cooldown: 60s}\n"  # long enough to hold while this test runs, short as such
+        # longer than this test takes on a loaded 2-core machine (a CI run took over 60 s from the first drift event
+        # to the second, and the window had closed): the second event must fall inside it
+        "deployment: {drift_cooldown: 10m}\n"
     )
     deploy = ["torchcycle", "deploy", "--pool", pool, "--source", str(ROOT), "--config", str(config), "--model", name]
     deploy += ["--score-input", str(tmp / "in"), "--score-output", str(tmp / "out")]
@@ -693,14 +695,14 @@ def test_drift_events_start_one_retrain_per_cooldown_through_the_automation(stac
     done = stack.run(deploy, env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     _cancel_open_runs(stack, "retrain/retrain")  # schedules are off now: nothing of earlier tests starts again
-    assert f"deployed retrain-on-drift-{name}: automation created, cool-down 60 s" in done.stdout, done.stdout
+    assert f"deployed retrain-on-drift-{name}: automation created, cool-down 600 s" in done.stdout, done.stdout
     since = pd.Timestamp.now(tz="UTC")
     body = {"automations": {"name": {"any_": [f"retrain-on-drift-{name}"]}}}
     (automation,) = _prefect(stack, "POST", "/automations/filter", json=body).json()
     dep = _prefect(stack, "GET", "/deployments/name/retrain/retrain").json()
     assert automation["trigger"]["expect"] == ["torchcycle.drift.detected"]
     assert automation["trigger"]["match"] == {"torchcycle.model.name": name}
-    assert automation["trigger"]["within"] == 60.0 and automation["trigger"]["threshold"] == 1
+    assert automation["trigger"]["within"] == 600.0 and automation["trigger"]["threshold"] == 1
     assert [(a["type"], a["deployment_id"]) for a in automation["actions"]] == [("run-deployment", dep["id"])]
     assert dep["schedules"] == []
     stack.start("drift-worker", ["prefect", "worker", "start", "--pool", pool, "--type", "process"], env)
@@ -742,7 +744,7 @@ def test_drift_events_start_one_retrain_per_cooldown_through_the_automation(stac
     assert run["auto_scheduled"] is False and run["idempotency_key"].startswith(f"automation {automation['id']}")
     # the worker deploys again on its restart: the automation, and its open window, stay as they are
     again = stack.run(deploy, env)
-    assert f"deployed retrain-on-drift-{name}: automation unchanged, cool-down 60 s" in again.stdout, again.stdout
+    assert f"deployed retrain-on-drift-{name}: automation unchanged, cool-down 600 s" in again.stdout, again.stdout
     assert [a["id"] for a in _prefect(stack, "POST", "/automations/filter", json=body).json()] == [automation["id"]]
     # one more drifted file, still inside the window
     score_shifted("b.parquet", 6)

@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import PackageNotFoundError, distribution, packages_distributions, version
 from pathlib import Path
 
 from packaging.version import Version
@@ -50,11 +50,29 @@ def _find(name: str) -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
+@cache
+def _providers() -> dict[str, list[str]]:
+    """Import name -> distributions. It reads every installed distribution's file list (about 0.7 s here), so
+    once per process, and only for an import name no distribution is named after."""
+    return packages_distributions()
+
+
+def _provides(dist_name: str, top: str) -> bool:
+    try:
+        files = distribution(dist_name).files or ()
+    except PackageNotFoundError:
+        return False
+    return any(f.parts[0] in (top, f"{top}.py") for f in files)
+
+
 def _distribution(top: str) -> str:
-    dists = packages_distributions().get(top)
+    # Most import names are their distribution's name (torch, mlflow, pandas): one distribution's file list
+    # says so. mlflow's name is also provided by mlflow-skinny and mlflow-tracing: the one named alike wins.
+    if _provides(top, top):
+        return distribution(top).metadata["Name"]
+    dists = _providers().get(top)
     if not dists:
         raise RuntimeError(f"the model runtime imports '{top}', which no installed distribution provides")
-    # mlflow's import name is provided by mlflow, mlflow-skinny and mlflow-tracing: take the one named alike
     return next((d for d in dists if d.lower().replace("_", "-") == top.replace("_", "-")), dists[0])
 
 

@@ -152,6 +152,37 @@ def test_concurrent_gates_are_serialised_one_champion_both_recorded(tracking_uri
     assert str(client.get_model_version_by_alias("race", "champion").version) == second
 
 
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_gate_lock_lets_one_gate_of_a_model_in_at_a_time(store: str, tmp_path) -> None:
+    """The embedded store's file lock and a server store's Prefect limit: holders of one model never overlap,
+    another model's gate does not wait for them."""
+    import itertools
+    import threading
+    import time
+
+    from torchcycle.tasks.gate import gate_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else "http://mlflow.invalid:5000"
+    spans: dict[str, list[tuple[float, float]]] = {"a": [], "b": []}
+
+    def hold(name: str) -> None:
+        with gate_lock(name, uri):
+            start = time.monotonic()
+            time.sleep(0.3)
+            spans[name].append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in ("a", "a", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a = sorted(spans["a"])
+    assert len(a) == 3 and all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(a)), a
+    (b,) = spans["b"]
+    assert b[0] < a[-1][0], "model b's gate waited for model a's"
+
+
 # ---- retries: a retried register or gate makes no second version, decision or history entry -------
 @pytest.fixture(scope="module")
 def tiny():

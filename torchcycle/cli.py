@@ -240,15 +240,19 @@ def train(
         cmd += ["--json"] if as_json else []
         cmd += ["--no-cache"] if no_cache else []
         raise typer.Exit(subprocess.call(cmd))
-    run_training(cfg, as_json, cache=not no_cache)
+    with contextlib.ExitStack() as stack:
+        run_training(cfg, as_json, cache=not no_cache, api_ready=_prefect_api(stack))
 
 
 @_clean_errors  # also rank 0's entry under DDP, outside Typer
-def run_training(cfg, as_json: bool = False, cache: bool = True) -> None:
-    """The training flow plus its printed summary (also rank 0's job under DDP)."""
+def run_training(cfg, as_json: bool = False, cache: bool = True, api_ready: Callable[[], object] | None = None) -> None:
+    """The training flow plus its printed summary (also rank 0's job under DDP). `api_ready`: waits for the
+    Prefect API started in the background (see `_prefect_api`)."""
     from torchcycle.flows.training import training_flow
 
     _quiet_console_tracebacks()
+    if api_ready is not None:
+        api_ready()
     summary = training_flow(cfg, cache=cache)
     _print_training(summary)
     if as_json:
@@ -306,6 +310,7 @@ def tune(
     check_storage(url, cfg, study)
     os.environ[STORAGE_ENV] = url  # the flow reads it there: a password in the URL is no flow-run parameter
     dask = dask if dask is not None else (os.environ.get(DASK_ENV) or None)
+    stack = contextlib.ExitStack()
     if dask:
         dask = _dask_address(dask)
         host = dask.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
@@ -316,13 +321,15 @@ def tune(
             )
         _check_dask_answers(dask)
         _quiet_dask_logs()
-    from torchcycle.flows.tuning import tune_study
+    with stack:
+        # a remote cluster's workers report to their own API; local ones (parallel > 1) to this one
+        api_ready = (lambda: None) if dask else _prefect_api(stack)
+        from torchcycle.flows.tuning import tune_study
 
-    _quiet_console_tracebacks()
-    with contextlib.ExitStack() as stack:
-        if parallel > 1 and not dask:  # a local Dask cluster: its workers report to the API this flow uses
+        _quiet_console_tracebacks()
+        if parallel > 1 and not dask:
             _quiet_dask_logs()
-            _share_api_with_local_workers(stack)
+        api_ready()
         summary = tune_study(cfg, trials, parallel, dask, study=study, timeout=timeout)
     _print_tuning(summary)
     if as_json:
@@ -396,10 +403,13 @@ def run(
 
     cfg = load_config(config, set_ or [])
     _preflight(cfg)
-    from torchcycle.flows.lifecycle import lifecycle_flow
+    with contextlib.ExitStack() as stack:
+        api_ready = _prefect_api(stack)
+        from torchcycle.flows.lifecycle import lifecycle_flow
 
-    _quiet_console_tracebacks()
-    summary = lifecycle_flow(cfg, workdir=str(workdir))
+        _quiet_console_tracebacks()
+        api_ready()
+        summary = lifecycle_flow(cfg, workdir=str(workdir))
     _print_training(summary.training, ui_hint=False)
     _print_scoring(summary.scoring)
     _print_ui_hint()
@@ -445,14 +455,15 @@ def predict(
     check_output(input_, find_inputs(input_), Path(output))
     if dask:
         _check_dask_answers(dask)
-    from torchcycle.flows.scoring import score_files
-
-    _quiet_console_tracebacks()
     with contextlib.ExitStack() as stack:
+        # a remote cluster's workers report to their own API; local ones (--workers) to this one
+        api_ready = (lambda: None) if dask else _prefect_api(stack)
+        from torchcycle.flows.scoring import score_files
+
+        _quiet_console_tracebacks()
         if workers or dask:
             _quiet_dask_logs()
-        if workers:
-            _share_api_with_local_workers(stack)
+        api_ready()
         try:
             result = score_files(
                 model, input_, output, workers, dask, id_cols=id_col or [], batch_rows=batch_rows, unit_rows=unit_rows
@@ -490,15 +501,18 @@ def predict(
 DASK_ENV = "TORCHCYCLE_DASK_ADDRESS"
 
 
-def _share_api_with_local_workers(stack: contextlib.ExitStack) -> None:
-    """Without PREFECT_API_URL, start the temporary API here and name it in the environment local Dask workers
-    are spawned from, so they report to the API this flow uses."""
+def _prefect_api(stack: contextlib.ExitStack) -> Callable[[], object]:
+    """Without PREFECT_API_URL: Prefect's temporary API, started now in the background, so its start-up overlaps
+    the imports that follow, and named in the environment local Dask workers are spawned from (they report to
+    the API this flow uses). Call the returned function before the first flow run. With PREFECT_API_URL (a
+    running server): nothing to start."""
     from prefect.settings import PREFECT_API_URL
 
-    from torchcycle.local_server import shared_temporary_api
+    if PREFECT_API_URL.value():
+        return lambda: None
+    from torchcycle.local_server import starting_temporary_api
 
-    if not PREFECT_API_URL.value():
-        stack.enter_context(shared_temporary_api())
+    return stack.enter_context(starting_temporary_api())
 
 
 def _dask_address(text: str) -> str:

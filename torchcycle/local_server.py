@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 START_TIMEOUT_S = 180.0  # a cold start on a busy 2-core machine takes 20-60 s (migrations, imports)
@@ -119,23 +120,57 @@ def shared_temporary_api() -> Iterator[str]:
     """Prefect's temporary API (what a flow without PREFECT_API_URL uses), started here and named in this
     process's environment, so the worker processes of a local Dask cluster report to this one. Without it
     each worker would start a temporary API of its own (seconds each) and its task runs would land there."""
+    with starting_temporary_api() as ready:
+        yield ready()
+
+
+@contextlib.contextmanager
+def starting_temporary_api() -> Iterator[Callable[[], str]]:
+    """Start Prefect's temporary API in a background thread and yield `ready`, to call before the first flow run:
+    it waits for the API and points this process and its children at it (as `shared_temporary_api`).
+
+    The server process takes about 7 s to start on 2 cores, most of it its own imports; started before the
+    command imports torch and MLflow (about 9 s), the two overlap instead of adding up."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     server = SubprocessASGIServer()
-    server.start(timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start(timeout=timeout)
+        except BaseException as err:  # handed to the main thread by ready()
+            failed.append(err)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-api", daemon=True)
+    thread.start()
     previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url  # the workers are spawned from this environment
+    settings = contextlib.ExitStack()
+
+    def ready() -> str:
+        thread.join()
+        if failed:
+            raise failed[0]
+        if os.environ.get("PREFECT_API_URL") == server.api_url:  # called before
+            return server.api_url
+        os.environ["PREFECT_API_URL"] = server.api_url  # the workers are spawned from this environment
+        settings.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        return server.api_url
+
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+        yield ready
     finally:
+        thread.join()
+        settings.close()
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = previous
-        _drain_to(server)
-        server.stop()
+        if server.running:
+            _drain_to(server)
+            server.stop()
 
 
 def _drain_to(server: object) -> None:

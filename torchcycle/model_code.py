@@ -10,12 +10,13 @@ tested set in constraints.txt). Nothing is listed by hand, so a new import in th
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import PackageNotFoundError, distribution, packages_distributions, version
+from importlib.metadata import distributions, packages_distributions, version
 from pathlib import Path
 
 from packaging.version import Version
@@ -50,29 +51,34 @@ def _find(name: str) -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
+_MODULE_SUFFIXES = tuple(importlib.machinery.all_suffixes())
+
+
 @cache
 def _providers() -> dict[str, list[str]]:
-    """Import name -> distributions. It reads every installed distribution's file list (about 0.7 s here), so
-    once per process, and only for an import name no distribution is named after."""
-    return packages_distributions()
-
-
-def _provides(dist_name: str, top: str) -> bool:
-    try:
-        files = distribution(dist_name).files or ()
-    except PackageNotFoundError:
-        return False
-    return any(f.parts[0] in (top, f"{top}.py") for f in files)
+    """Import name -> the installed distributions whose RECORD lists `name/...` or `name.py`, read once per
+    process. What `packages_distributions()` answers, in a tenth of the time: that one makes a path object
+    of every installed file (about 0.7 s here, where model_code asked it 8 times, 8 s)."""
+    providers: dict[str, list[str]] = {}
+    for dist in distributions():
+        tops = set()
+        for line in (dist.read_text("RECORD") or "").splitlines():
+            path = line.split(",", 1)[0]
+            top, sep, _ = path.partition("/")
+            if sep:  # a package folder
+                tops.add(top)
+            elif top.endswith(_MODULE_SUFFIXES):  # a top-level module: x.py, _x.cpython-311-....so
+                tops.add(top.split(".", 1)[0])
+        for top in tops:
+            providers.setdefault(top, []).append(dist.metadata["Name"])
+    return providers
 
 
 def _distribution(top: str) -> str:
-    # Most import names are their distribution's name (torch, mlflow, pandas): one distribution's file list
-    # says so. mlflow's name is also provided by mlflow-skinny and mlflow-tracing: the one named alike wins.
-    if _provides(top, top):
-        return distribution(top).metadata["Name"]
-    dists = _providers().get(top)
+    dists = _providers().get(top) or packages_distributions().get(top)  # the latter: installed without a RECORD
     if not dists:
         raise RuntimeError(f"the model runtime imports '{top}', which no installed distribution provides")
+    # mlflow's import name is provided by mlflow, mlflow-skinny and mlflow-tracing: take the one named alike
     return next((d for d in dists if d.lower().replace("_", "-") == top.replace("_", "-")), dists[0])
 
 

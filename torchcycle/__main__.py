@@ -1,3 +1,3 @@
-from torchcycle.cli import main
+from torchcycle.cli import entry
 
-main()
+entry()

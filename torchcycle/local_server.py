@@ -116,18 +116,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def shared_temporary_api() -> Iterator[str]:
-    """Prefect's temporary API (what a flow without PREFECT_API_URL uses), started here and named in this
-    process's environment, so the worker processes of a local Dask cluster report to this one. Without it
-    each worker would start a temporary API of its own (seconds each) and its task runs would land there."""
-    with starting_temporary_api() as ready:
-        yield ready()
-
-
-@contextlib.contextmanager
 def starting_temporary_api() -> Iterator[Callable[[], str]]:
-    """Start Prefect's temporary API in a background thread and yield `ready`, to call before the first flow run:
-    it waits for the API and points this process and its children at it (as `shared_temporary_api`).
+    """Start Prefect's temporary API (what a flow without PREFECT_API_URL uses) in a background thread and yield
+    `ready`, to call before the first flow run: it waits for the API and names it in this process's environment,
+    so the worker processes of a local Dask cluster report to this one (without it each would start a temporary
+    API of its own, seconds each, and its task runs would land there).
 
     The server process takes about 7 s to start on 2 cores, most of it its own imports; started before the
     command imports torch and MLflow (about 9 s), the two overlap instead of adding up."""

@@ -288,12 +288,16 @@ def _train_epoch(
     task: Task,
     device: torch.device,
     autocast: torch.dtype | None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss."""
+    """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss. `augment`
+    changes each batch on its device before the forward pass (training batches only)."""
     net.train()
     running = torch.zeros((), device=device)  # summed on the device: no per-step host sync
     seen = 0
     for xb, yb in batches:
+        if augment is not None:
+            xb = augment(xb)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = net(xb)
         loss = loss_fn(task, out.float(), yb)
@@ -409,6 +413,7 @@ def fit(
     progress: bool = True,
     checkpoint: CheckpointFn | None = None,
     resume: dict | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FitResult:
     """Train `model` in place. With early stopping it ends on its best validation epoch's weights.
 
@@ -419,7 +424,8 @@ def fit(
     shuffling state, history, best epoch); passing such a state back as `resume` continues from the
     next epoch and, on the same device, ends exactly where an uninterrupted run would.
 
-    `progress`: a bar on a terminal, one line per epoch on a non-terminal stderr (rank 0 only)."""
+    `progress`: a bar on a terminal, one line per epoch on a non-terminal stderr (rank 0 only).
+    `augment`: applied to every training batch on the device (models.augment), never to validation."""
     start = time.perf_counter()
     rank, world = distributed()
     model.to(device)
@@ -440,7 +446,7 @@ def fit(
     try:
         for epoch in bar:
             batches = _train_batches(data, cfg, device, resident, gen, epoch)
-            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast)
+            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast, augment)
             val = _evaluate(model, task, data.x_val, data.y_val, max(cfg.batch_size, 1024), device, autocast)
             metrics = {"train_loss": train_loss, **val}
             if not np.isfinite(train_loss):

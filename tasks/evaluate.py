@@ -133,6 +133,8 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
             )
             ax.set_title("confusion matrix (test split)")
             figures["confusion_matrix.png"] = _png(fig)
+        if prepared.pipeline.image_column is not None:
+            figures["misclassified.png"] = misclassified_png(prepared, pred)
     else:
         # the raw float64 targets, as the gate scores the champion against: decoding the float32 training
         # targets would be off by ~1e-9 in r2, enough to break a tie between identical models
@@ -149,6 +151,39 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
         ax.legend()
         figures["predicted_vs_actual.png"] = _png(fig)
     return EvalReport(m, figures)
+
+
+MAX_MISCLASSIFIED = 36  # images in the grid of misclassified test images (6 x 6)
+
+
+def misclassified_png(prepared: Prepared, pred: np.ndarray) -> bytes:
+    """A grid of the test images the model got wrong (up to MAX_MISCLASSIFIED), each titled true -> predicted;
+    'none misclassified' on an empty grid when it got every one right."""
+    import matplotlib.pyplot as plt
+
+    pipe = prepared.pipeline
+    assert pipe.image_shape is not None
+    c, h, w = pipe.image_shape
+    wrong = np.flatnonzero(pred != prepared.y_test)[:MAX_MISCLASSIFIED]
+    cols = max(1, min(6, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
+    mean = np.asarray(pipe.channel_mean or [0.0]).reshape(-1, 1, 1)
+    std = np.asarray(pipe.channel_std or [1.0]).reshape(-1, 1, 1)
+    names = [str(k) for k in pipe.classes or []]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        img = (prepared.x_test[i].reshape(c, h, w) * std + mean).clip(0, 1)  # back to [0, 1] pixels
+        ax.imshow(img[0] if c == 1 else img.transpose(1, 2, 0), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        ax.set_title(f"{names[prepared.y_test[i]]} -> {names[pred[i]]}", fontsize=8)
+    total = int((pred != prepared.y_test).sum())
+    fig.suptitle(
+        f"misclassified test images: {total} of {len(pred)}" + (f" (first {len(wrong)})" if total > len(wrong) else "")
+        if total
+        else f"none of {len(pred)} test images misclassified"
+    )
+    return _png(fig)
 
 
 def validation_metrics(trained: TrainedModel, prepared: Prepared) -> dict[str, float]:

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from torchcycle.config import DriftConfig, FeaturesConfig
+from torchcycle.models.augment import Augment
 from torchcycle.runtime.bundle import FeaturePipeline
 from torchcycle.runtime.contract import infer_contract
 from torchcycle.runtime.drift import ReferenceProfile
@@ -30,6 +31,7 @@ class Prepared:
     y_test: np.ndarray
     test_frame: pd.DataFrame  # raw test rows (features + target), for examples and sample files
     target: str = ""  # the target column of test_frame
+    augment: Augment | None = None  # images: what the training loop changes in each batch (None: nothing)
 
     @property
     def n_features(self) -> int:
@@ -51,6 +53,8 @@ def _sorted_labels(values: pd.Series) -> list[Any]:
 def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | None = None) -> Prepared:
     """Fit the pipeline on the train split and transform every split. The pipeline carries the drift reference
     of the train split's raw features (its predictions are added when the bundle is written)."""
+    if splits.train_images is not None:
+        return _image_features(splits, cfg)
     classes = None
     if splits.task == "classification":
         classes = _sorted_labels(
@@ -74,6 +78,29 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = xy(splits.train), xy(splits.val), xy(splits.test)
     return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test, splits.target)
+
+
+def _image_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
+    """Images: per-channel mean/std fitted on the train split; every split normalised to float32 (N, C*H*W).
+    No pandera contract or drift reference: the input is encoded image bytes, checked by decoding them."""
+    assert splits.train_images is not None and splits.val_images is not None and splits.test_images is not None
+    classes = _sorted_labels(
+        pd.concat([splits.train[splits.target], splits.val[splits.target], splits.test[splits.target]])
+    )
+    column = next(c for c in splits.train.columns if c != splits.target)
+    pipe = FeaturePipeline.fit_images(splits.train_images, column, classes)
+    a = cfg.augment
+    augment = Augment(a.flip, a.crop_scale, a.jitter) if a.active() else None
+
+    def xy(frame: pd.DataFrame, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return pipe.normalise(images), pipe.encode_target(frame[splits.target])
+
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
+        xy(splits.train, splits.train_images),
+        xy(splits.val, splits.val_images),
+        xy(splits.test, splits.test_images),
+    )
+    return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test, splits.target, augment)
 
 
 @task(name="features", cache_policy=NO_CACHE)

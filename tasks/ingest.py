@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from prefect import task
 from torchcycle.config import DataConfig
 from torchcycle.errors import DataError
 from torchcycle.retry import io_task_options
+from torchcycle.runtime.images import IMAGE_SUFFIXES, is_image_name
 from torchcycle.runtime.types import Task
 from torchcycle.tables import find_inputs, frame_digest
 
@@ -25,8 +27,14 @@ class RawData:
     task: Task
     source: str
     digest: str  # sha256 of the frame's content, for lineage tags
-    image_shape: tuple[int, int, int] | None = None  # (C, H, W) when columns are pixels
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) when columns are pixels, or of `images`
     test_mask: np.ndarray | None = None  # rows of a predefined test split (torchvision)
+    # images: sources: the frame holds each image's file bytes and label; `images` the same images decoded,
+    # uint8 (N, C, H, W), row for row; `paths` where each was read; `skipped` "path: reason" of those left out
+    images: np.ndarray | None = None
+    paths: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()  # files in an image folder that are no image (by extension), not read
 
     @property
     def feature_columns(self) -> list[str]:
@@ -117,8 +125,9 @@ def _check_unique(names: list[str], path: Path) -> None:
         raise DataError(f"{path} has duplicate column names: {', '.join(dups)}")
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; any failure becomes a DataError naming the file."""
+def read_table(path: Path, allow_bytes: bool = False) -> pd.DataFrame:
+    """Read a CSV or Parquet file; any failure becomes a DataError naming the file. `allow_bytes`: cells of bytes
+    are kept (a table of images), not refused."""
     if not path.exists():
         raise DataError(f"input file not found: {path}")
     suffix = path.suffix.lower()
@@ -139,15 +148,16 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"input file {path} is not valid UTF-8 text: {err.reason} at byte {err.start}") from None
     except Exception as err:  # pyarrow/parser errors: corrupt or truncated files
         raise DataError(f"cannot read {path}: {type(err).__name__}: {err}") from None
-    _refuse_nested(frame, path)
+    _refuse_nested(frame, path, allow_bytes)
     return frame
 
 
-def _refuse_nested(frame: pd.DataFrame, path: Path) -> None:
+def _refuse_nested(frame: pd.DataFrame, path: Path, allow_bytes: bool = False) -> None:
     """Parquet can hold lists, maps and structs in a cell; a table of features cannot."""
+    kinds = (list, dict, tuple, np.ndarray) + (() if allow_bytes else (bytes,))
     for col in frame.columns:
         if frame[col].dtype == object:
-            odd = next((v for v in frame[col] if isinstance(v, list | dict | tuple | np.ndarray | bytes)), None)
+            odd = next((v for v in frame[col] if isinstance(v, kinds)), None)
             if odd is not None:
                 raise DataError(
                     f"{path}: column '{col}' holds {type(odd).__name__} values: "
@@ -155,10 +165,10 @@ def _refuse_nested(frame: pd.DataFrame, path: Path) -> None:
                 )
 
 
-def read_tables(paths: list[Path]) -> pd.DataFrame:
+def read_tables(paths: list[Path], allow_bytes: bool = False) -> pd.DataFrame:
     """Several files of one table (data that accumulates: `data/training/*.parquet`), in name order.
     Every file must have the same columns, each a number in all files or in none."""
-    frames = [read_table(p) for p in paths]
+    frames = [read_table(p, allow_bytes) for p in paths]
     first = list(frames[0].columns)
     for path, frame in zip(paths[1:], frames[1:], strict=True):
         if list(frame.columns) != first:
@@ -206,6 +216,145 @@ def _torchvision(name: str, root: str, download: bool) -> tuple[pd.DataFrame, np
     return frame, test_mask
 
 
+# ---- images: sources ---------------------------------------------------------------------------------
+FOLDER_TARGET = "label"  # the label column of an image folder (data.target renames it)
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _folder_items(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """ImageFolder's layout: root/<class>/**/<image>. (path, class) pairs in name order, and the files that are
+    no image (by extension; hidden ones and files beside the class folders included), which are not read."""
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    ignored = sorted(str(f) for f in root.iterdir() if f.is_file())
+    if not classes:
+        raise DataError(f"image folder {root} has no class folders: put each class's images in {root}/<class>/")
+    items: list[tuple[Path, str]] = []
+    empty = []
+    for folder in classes:
+        files = sorted(f for f in folder.rglob("*") if f.is_file())
+        rel = [f.relative_to(folder) for f in files]
+        images = [f for f, r in zip(files, rel, strict=True) if is_image_name(f.name) and not _hidden(r)]
+        chosen = set(images)
+        ignored += [str(f) for f in files if f not in chosen]
+        if not images:
+            empty.append(f"{folder} ({len(files)} other file(s))" if files else str(folder))
+        items += [(f, folder.name) for f in images]
+    if empty:
+        raise DataError(
+            f"image folder {root}: {len(empty)} class folder(s) hold no images ({', '.join(IMAGE_SUFFIXES)}): "
+            + "; ".join(empty[:5])
+            + ": add images or remove the folder"
+        )
+    return items, ignored
+
+
+def _table_items(path: Path, column: str, target: str) -> tuple[list[tuple[Path | bytes, Any]], list[str]]:
+    """A table of image paths (relative to the table's folder) or image bytes, and labels."""
+    frame = read_tables(find_inputs(str(path)), allow_bytes=True)
+    missing = [c for c in (column, target) if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: column(s) {', '.join(map(repr, missing))} not found (data.image_column / data.target); "
+            f"columns are: {', '.join(map(str, frame.columns))}"
+        )
+    items: list[tuple[Path | bytes, Any]] = []
+    holes = []
+    for row, (value, label) in enumerate(zip(frame[column], frame[target], strict=True)):
+        if isinstance(value, bytes | bytearray):
+            items.append((bytes(value), label))
+        elif isinstance(value, str) and value.strip():
+            p = Path(value)
+            items.append((p if p.is_absolute() else path.parent / p, label))
+        else:
+            holes.append(row)
+    if holes:
+        raise DataError(
+            f"{path}: column '{column}' has {len(holes)} row(s) with neither a path nor image bytes "
+            f"(rows {', '.join(map(str, holes[:5]))}{' ...' if len(holes) > 5 else ''})"
+        )
+    return items, []
+
+
+def _read_images(cfg: DataConfig) -> RawData:
+    """Every image of an images: source read, hashed (file contents) and decoded to cfg.size, or one error naming
+    the images that cannot be read (data.skip_bad_images: skipped and counted instead)."""
+    import hashlib
+
+    from torchcycle.runtime.images import decode
+
+    root = Path(cfg.source.partition(":")[2])
+    if not root.exists():
+        raise DataError(f"image source not found: {root}")
+    if root.is_dir():
+        target = cfg.target or FOLDER_TARGET
+        items, ignored = _folder_items(root)
+    else:
+        if not cfg.target:
+            raise DataError(f"{root}: a table of images needs data.target, the name of its label column")
+        target = cfg.target
+        items, ignored = _table_items(root, cfg.image_column, target)  # type: ignore[assignment]
+    if not items:
+        raise DataError(f"image source {root} holds no images")
+    digest = hashlib.sha256(f"{cfg.image_column}\0{target}\0".encode())
+    blobs, labels, paths, images, bad = [], [], [], [], []
+    for i, (where, label) in enumerate(items):
+        name = str(where) if isinstance(where, Path) else f"{root} row {i}"
+        try:
+            data = where.read_bytes() if isinstance(where, Path) else where
+        except OSError as err:
+            bad.append(f"{name}: {err.strerror or err}")
+            continue
+        try:
+            img = decode(data, cfg.channels, cfg.size)
+        except DataError as err:
+            bad.append(f"{name}: {err}")
+            continue
+        # the contents, not the names: a re-exported folder of the same images is the same data
+        digest.update(hashlib.sha256(data).digest() + str(label).encode() + b"\0")
+        blobs.append(data)
+        labels.append(label)
+        paths.append(name)
+        images.append(img.numpy())
+    if bad and not cfg.skip_bad_images:
+        raise DataError(
+            f"images:{root}: {len(bad)} of {len(items)} image(s) cannot be read: "
+            + "; ".join(bad[:5])
+            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+            + ". Fix or remove them, or set data.skip_bad_images: true to train without them"
+        )
+    if not images:
+        raise DataError(f"images:{root}: none of the {len(items)} image(s) can be read: " + "; ".join(bad[:3]))
+    frame = pd.DataFrame({cfg.image_column: pd.Series(blobs, dtype=object), target: labels})
+    return RawData(
+        frame=frame,
+        target=target,
+        task="classification",
+        source=cfg.source,
+        digest=digest.hexdigest(),
+        image_shape=(cfg.channels, *cfg.size),
+        images=np.stack(images),
+        paths=tuple(paths),
+        skipped=tuple(bad),
+        ignored=tuple(ignored),
+    )
+
+
+def _limited(raw: RawData, limit: int | None) -> RawData:
+    if limit is None or len(raw.frame) <= limit:
+        return raw
+    keep = np.sort(np.random.default_rng(0).permutation(len(raw.frame))[:limit])
+    frame = raw.frame.iloc[keep].reset_index(drop=True)
+    return replace(
+        raw,
+        frame=frame,
+        images=raw.images[keep] if raw.images is not None else None,
+        paths=tuple(raw.paths[i] for i in keep) if raw.paths else (),
+    )
+
+
 def ingest(cfg: DataConfig) -> RawData:
     """Load the configured source. Pure apart from reading files."""
     scheme, _, name = cfg.source.partition(":")
@@ -225,6 +374,8 @@ def ingest(cfg: DataConfig) -> RawData:
                 f"target column '{target}' not found in {name}; columns are: {', '.join(map(str, frame.columns))}"
             )
         task_ = _infer_task(frame[target])
+    elif scheme == "images":
+        return _limited(_read_images(cfg), cfg.limit)
     elif scheme == "torchvision":
         frame, test_mask = _torchvision(name, cfg.root or ".", cfg.download)
         target, task_, image_shape = "label", "classification", (1, 28, 28)
@@ -250,4 +401,15 @@ def ingest(cfg: DataConfig) -> RawData:
 
 @task(name="ingest", **io_task_options())
 def ingest_task(cfg: DataConfig) -> RawData:
-    return ingest(cfg)
+    raw = ingest(cfg)
+    if raw.skipped or raw.ignored:  # said, not silent
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+        if raw.skipped:
+            logger.warning(
+                "skipped %d unreadable image(s) (data.skip_bad_images), e.g. %s", len(raw.skipped), raw.skipped[0]
+            )
+        if raw.ignored:
+            logger.warning("ignored %d file(s) that are no image, e.g. %s", len(raw.ignored), raw.ignored[0])
+    return raw

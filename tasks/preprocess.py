@@ -25,6 +25,10 @@ class Splits:
     task: Task
     image_shape: tuple[int, int, int] | None = None
     dropped_rows: int = 0  # rows dropped for a missing target
+    # images: sources: each split's decoded images, uint8 (N, C, H, W), row for row with its frame
+    train_images: np.ndarray | None = None
+    val_images: np.ndarray | None = None
+    test_images: np.ndarray | None = None
 
     def named(self) -> dict[str, pd.DataFrame]:
         """The three splits by the names MLflow's data set lineage shows."""
@@ -59,7 +63,12 @@ def preprocess(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
         rest, test = _split(labeled, cfg.test_size, strat(labeled), seed)
     val_frac = cfg.val_size / (1 - cfg.test_size) if cfg.val_size else 0.0
     train, val = _split(rest, val_frac, strat(rest), seed)
+    # the frames keep raw.frame's row positions as their index until reset below: the images follow them
+    pick = (lambda f: raw.images[f.index.to_numpy()]) if raw.images is not None else (lambda f: None)
     return Splits(
+        train_images=pick(train),
+        val_images=pick(val),
+        test_images=pick(test),
         train=train.reset_index(drop=True),
         val=val.reset_index(drop=True),
         test=test.reset_index(drop=True),

@@ -27,6 +27,7 @@ from torchcycle.runtime.drift import DriftCounts, ReferenceProfile
 from torchcycle.runtime.types import LINEAGE_COLUMNS
 from torchcycle.tables import (
     DEFAULT_BATCH_ROWS,
+    IMAGE_BATCH_ROWS,
     SUFFIXES,
     NoInputs,
     atomic_parquet,
@@ -55,18 +56,33 @@ def score_batch(
     model: ResolvedModel,
     offset: int = 0,
     observe: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None,
+    base: Path | None = None,
 ) -> pa.RecordBatch:
     """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order.
 
     `offset`: the batch's first data row in its file, so validation errors name file rows. `observe`: called
-    with (model inputs, model outputs) of every scored batch (drift counting); it must not change them."""
+    with (model inputs, model outputs) of every scored batch (drift counting); it must not change them.
+    `base`: the folder relative image paths are read from (the table's, or the folder of images scored)."""
+    from torchcycle.runtime.images import ImageError
+
     features = pa.Table.from_batches([batch.select(list(expected))])
+    paths: list[str | None] | None = None
     for i, (col, kind) in enumerate(expected.items()):
         if kind == "number":  # ints and floats alike: the feature pipeline works in floats
             features = features.set_column(i, col, features.column(col).cast(pa.float64()))
+        elif kind == "binary" and not pa.types.is_binary(features.column(col).type):  # paths to the images
+            paths = features.column(col).to_pylist()
+            features = features.set_column(i, col, pa.array(read_image_files(paths, base, offset), pa.binary()))
     frame = features.to_pandas()
     frame.index = pd.RangeIndex(offset, offset + len(frame))
-    result = predict(frame)
+    try:
+        result = predict(frame)
+    except ImageError as err:
+        if paths is None or not err.bad:
+            raise
+        shown = "; ".join(f"{paths[i]} (row {offset + i}): {why}" for i, why in err.bad[:5])
+        more = f" (+{len(err.bad) - 5} more)" if len(err.bad) > 5 else ""
+        raise DataError(f"{len(err.bad)} image(s) cannot be read: {shown}{more}") from None
     if len(result) != batch.num_rows:
         raise RuntimeError(f"model returned {len(result)} rows for {batch.num_rows}")
     if observe is not None:
@@ -79,6 +95,28 @@ def score_batch(
         twice = sorted({n for n in names if names.count(n) > 1})
         raise DataError(f"input column(s) {', '.join(twice)} would be overwritten by the output: rename them first")
     return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def read_image_files(paths: list[str | None], base: Path | None, offset: int = 0) -> list[bytes | None]:
+    """The bytes of each image file named (relative to `base`); None stays None (the model refuses it by row).
+    One DataError naming every file that cannot be read."""
+    out: list[bytes | None] = []
+    missing: list[str] = []
+    for i, name in enumerate(paths):
+        if name is None or not name.strip():
+            out.append(None)
+            continue
+        p = Path(name)
+        p = p if p.is_absolute() or base is None else base / p
+        try:
+            out.append(p.read_bytes())
+        except OSError as err:
+            missing.append(f"{name} (row {offset + i}): {err.strerror or err}")
+            out.append(None)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(f"{len(missing)} image file(s) cannot be read: " + "; ".join(missing[:5]) + more)
+    return out
 
 
 @dataclass(frozen=True)
@@ -188,6 +226,8 @@ class Scorer:
 
     def __post_init__(self) -> None:
         self.id_cols = tuple(dict.fromkeys(self.id_cols))  # `--id-col a --id-col a` is one column
+        if "binary" in self.expected.values():  # a row is a whole image: batches of a bounded size in bytes
+            self.batch_rows = min(self.batch_rows, IMAGE_BATCH_ROWS)
 
     def score(self, inputs: list[Path], output: Path) -> ScoreResult:
         start = time.perf_counter()
@@ -258,11 +298,18 @@ class Scorer:
             missing_ids = [c for c in self.id_cols if c not in schema.names]
             if missing_ids:
                 raise DataError(f"{path}: id column(s) not found: {', '.join(missing_ids)}")
-            # ids first, then every column the model does not use (extras are passed through)
+            # ids first, image paths next, then every column the model does not use (extras are passed through)
+            paths = [
+                c
+                for c, k in self.expected.items()
+                if k == "binary" and not pa.types.is_binary(schema.field(c).type) and c not in self.id_cols
+            ]
             passthrough = [
                 *self.id_cols,
+                *paths,
                 *(c for c in schema.names if c not in self.expected and c not in self.id_cols),
             ]
+            base = path if path.is_dir() else path.parent
             with tqdm(total=total, unit="row", desc=path.name, disable=not bar_on, leave=False) as bar:
                 for batch in batches:
                     if batch.num_rows:
@@ -275,6 +322,7 @@ class Scorer:
                                 self.model,
                                 first_row + rows,
                                 self.observe,
+                                base,
                             )
                             write(scored)
                         except DataError as err:  # the model's contract refused values: say which file

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from torchcycle.checkpoint import load_checkpoint, save_checkpoint
 from torchcycle.config import ModelSpec, TrainSection
 from torchcycle.models import build_model, make_config
+from torchcycle.models.augment import augmenter
 from torchcycle.models.training import (
     EpochCallback,
     FitResult,
@@ -68,6 +69,10 @@ def train(
         torch.tensor(prepared.x_val),
         torch.tensor(prepared.y_val, dtype=y_dtype),
     )
+    pipe = prepared.pipeline
+    augment = None
+    if prepared.augment is not None and pipe.image_shape is not None and pipe.channel_mean is not None:
+        augment = augmenter(prepared.augment, pipe.image_shape, pipe.channel_mean, pipe.channel_std or [1.0])
     result = fit(
         model,
         data,
@@ -79,6 +84,7 @@ def train(
         progress=progress,
         checkpoint=(lambda st: save_checkpoint(checkpoint, st)) if checkpoint is not None else None,
         resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
+        augment=augment,
     )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainedModel(spec.kind, model_cfg, state, result, str(device))

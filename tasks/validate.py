@@ -55,12 +55,20 @@ def validate(raw: RawData) -> None:
     if len(frame) == 0:
         raise DataError(f"data from {raw.source} has no rows")
     features = raw.feature_columns
+    if raw.images is not None:  # every image was decoded at ingest: only the labels are left to check
+        _check_labels(raw, reserved_features(features))
+        return
     if not features:
         raise DataError(f"data from {raw.source} has no feature columns besides the target '{raw.target}'")
     unsupported = unsupported_features(frame, features)
     problems = [*reserved_features(features), *unsupported.values()]
     problems += value_problems(frame, [c for c in features if c not in unsupported])
-    y = frame[raw.target]
+    _check_labels(raw, problems)
+
+
+def _check_labels(raw: RawData, problems: list[str]) -> None:
+    """The target's problems added to `problems`; one DataError with all of them, if any."""
+    y = raw.frame[raw.target]
     if y.isna().all():
         problems.append(f"target column '{raw.target}' has no values")
     elif raw.task == "classification":

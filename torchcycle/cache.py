@@ -39,7 +39,7 @@ _ALLOWED_MODULES = ("torchcycle.tasks.", "torchcycle.models.", "torchcycle.runti
 # a change to any module of these packages is a change to the stages' code (and to what they are handed)
 _CODE_PACKAGES = ("torchcycle", "torchcycle.runtime", "torchcycle.models", "torchcycle.tasks", "torchcycle.flows")
 # ... except the edge: the CLI's help text or the local server's start-up make no other model
-_EDGE = ("__main__.py", "cli.py", "ddp.py", "local_server.py", "idx.py")
+_EDGE = ("__main__.py", "cli.py", "ddp.py", "local_server.py", "idx.py", "image_demo.py")
 
 
 def cache_dir() -> Path:

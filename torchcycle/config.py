@@ -68,7 +68,10 @@ _KNOWN_SOURCES: dict[str, SourceFacts] = {
 
 def source_facts(source: str) -> SourceFacts:
     """Task, rows and image shape of `source` as far as they are known without reading it (file: sources
-    are tables of unknown size whose task, unless given, is inferred from the target column)."""
+    are tables of unknown size whose task, unless given, is inferred from the target column; images: sources
+    are classification, their shape is the config's, see DataConfig.image_shape)."""
+    if source.startswith("images:"):
+        return SourceFacts("classification", None, None)
     return _KNOWN_SOURCES.get(source, SourceFacts(None, None, None))
 
 
@@ -125,9 +128,20 @@ def _describe_split(rows: int, test_size: float, val_size: float) -> str:
     return f"train {train}, validation {val if val_size else '-'}, test {test if test_size else '-'}"
 
 
+_IMAGE_KEYS = ("image_column", "image_size", "channels", "skip_bad_images")
+
+
 class DataConfig(_Strict):
-    source: str = Field(description="sklearn:NAME | synthetic:NAME | file:PATH | torchvision:NAME")
-    target: str | None = None  # target column; required for file sources
+    source: str = Field(description="sklearn:NAME | synthetic:NAME | file:PATH | torchvision:NAME | images:PATH")
+    target: str | None = None  # target column; required for file sources and images: tables ('label' for folders)
+    # images: sources: a folder of class folders, or a CSV/Parquet table of image paths (or bytes) and labels
+    image_column: str = Field("image", min_length=1)  # images: table: the column of paths or image bytes
+    image_size: (
+        Annotated[int, Field(ge=1, le=4096)]
+        | tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]]
+    ) = 32  # images are resized to cover it (aspect kept) and centre-cropped to it: N or [H, W] pixels
+    channels: Literal[1, 3] = 3  # every image is converted to grey (1) or RGB (3)
+    skip_bad_images: bool = False  # images: unreadable images are skipped and counted instead of refused
     root: str | None = None  # torchvision: folder holding the IDX files
     download: bool = False  # torchvision: only fetch when explicitly asked
     task: Literal["auto", "classification", "regression"] = "auto"
@@ -144,9 +158,13 @@ class DataConfig(_Strict):
             if not name:
                 raise ValueError("file source needs a path: file:data/train.csv")
             return v
+        if scheme == "images":
+            if not name.strip():
+                raise ValueError("images source needs a path: images:data/train (class folders) or a CSV/Parquet")
+            return v
         if scheme not in allowed:
             raise ValueError(
-                f"unknown source scheme '{scheme}' in '{v}': use sklearn:, synthetic:, file: or torchvision:"
+                f"unknown source scheme '{scheme}' in '{v}': use sklearn:, synthetic:, file:, torchvision: or images:"
             )
         if name not in allowed[scheme]:
             raise ValueError(f"unknown {scheme} data set '{name}': choose one of {', '.join(allowed[scheme])}")
@@ -156,6 +174,14 @@ class DataConfig(_Strict):
     def _check_combo(self) -> DataConfig:
         if self.source.startswith("file:") and not self.target:
             raise ValueError("data.target is required for a file: source (the name of the target column)")
+        if not self.source.startswith("images:"):
+            stray = [k for k in _IMAGE_KEYS if k in self.model_fields_set]
+            if stray:
+                raise _problems(
+                    "DataConfig", [((k,), f"applies to images: sources only, not {self.source}") for k in stray]
+                )
+        if self.source.startswith("images:") and self.task == "regression":
+            raise _problems("DataConfig", [(("task",), "images: sources are classification (a label per image)")])
         if self.source.startswith("torchvision:") and not self.root:
             raise ValueError("data.root is required for a torchvision: source (the folder with the IDX files)")
         if self.test_size + self.val_size >= 1.0:
@@ -164,6 +190,17 @@ class DataConfig(_Strict):
         if problem:
             raise _problems("DataConfig", [problem])
         return self
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """image_size as (H, W) pixels."""
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the model's input when known before reading: an images: source's, or a known set's."""
+        if self.source.startswith("images:"):
+            return (self.channels, *self.size)
+        return source_facts(self.source).image_shape
 
     def known_rows(self) -> int | None:
         """Rows that reach the split when known before reading: the data set's size, capped by `limit`."""
@@ -191,8 +228,21 @@ class DataConfig(_Strict):
         )
 
 
+class AugmentSection(_Strict):
+    """Random changes to every training batch of images (never validation, test or scoring), a fresh draw per
+    image and epoch. The defaults change nothing."""
+
+    flip: bool = False  # mirror left-right with probability 1/2
+    crop_scale: float = Field(1.0, gt=0, le=1)  # random-resized crop keeping this fraction of the area or more
+    jitter: float = Field(0.0, ge=0, lt=1)  # brightness and contrast each scaled by a factor in [1-j, 1+j]
+
+    def active(self) -> bool:
+        return self.flip or self.crop_scale < 1 or self.jitter > 0
+
+
 class FeaturesConfig(_Strict):
     scale: bool = True  # standardise numeric columns (mean 0, std 1) fitted on the train split
+    augment: AugmentSection = AugmentSection()  # images only
 
 
 @functools.cache
@@ -601,12 +651,22 @@ class ExperimentConfig(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude={"deployment", "tune"})
+        _drop_image_keys(d)
         d["model"] = {"kind": self.model.kind, **json.loads(json.dumps(self.model.params))}
         return d
 
     def config_hash(self) -> str:
         blob = json.dumps(self.resolved(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _drop_image_keys(d: dict[str, Any]) -> None:
+    """The image settings of a dumped config that reads no images: not its settings (nor in its hash or params)."""
+    if not str(d["data"]["source"]).startswith("images:"):
+        for key in _IMAGE_KEYS:
+            d["data"].pop(key, None)
+        if d.get("features", {}).get("augment") == AugmentSection().model_dump(mode="json"):
+            d["features"].pop("augment")
 
 
 def _task_problems(cfg: ExperimentConfig, task: str, basis: str) -> list[tuple[tuple[str, ...], str]]:
@@ -640,19 +700,24 @@ def _data_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
         problems += _task_problems(cfg, data.task, f"data.task is {data.task}")
     elif facts.task is not None:
         problems += _task_problems(cfg, facts.task, f"{data.source} is {facts.task}")
+    shape = data.image_shape()
+    if cfg.features.augment.active() and not data.source.startswith("images:"):
+        problems.append((("features", "augment"), f"applies to images: sources only, not {data.source}"))
     if kind == "cnn":
         with_images = ", ".join(src for src, f in _KNOWN_SOURCES.items() if f.image_shape)
-        if facts.image_shape is None:
-            problems.append((("model", "kind"), f"model 'cnn' needs images; {data.source} is a table ({with_images})"))
+        if shape is None:
+            problems.append(
+                (("model", "kind"), f"model 'cnn' needs images; {data.source} is a table ({with_images}, images:PATH)")
+            )
         else:
             # each conv stage halves H and W (max-pool 2); models/cnn.py refuses a map smaller than 1x1
             channels = cfg.model.params["channels"]
-            most = min(facts.image_shape[1:]).bit_length() - 1  # halvings that keep >= 1 pixel: floor(log2)
+            most = min(shape[1:]).bit_length() - 1  # halvings that keep >= 1 pixel: floor(log2)
             if len(channels) > most:
                 problems.append(
                     (
                         ("model", "channels"),
-                        f"{len(channels)} conv stages halve the {facts.image_shape} images of {data.source} "
+                        f"{len(channels)} conv stages halve the {shape} images of {data.source} "
                         f"below one pixel: use at most {most}",
                     )
                 )
@@ -669,6 +734,7 @@ def _data_problems(cfg: ExperimentConfig) -> list[tuple[tuple[str, ...], str]]:
 def _raw_of(cfg: ExperimentConfig) -> dict[str, Any]:
     """`cfg` as the dict it validates from (tune: left out), model settings resolved."""
     raw = cfg.model_dump(mode="json", exclude={"tune"}, by_alias=True)
+    _drop_image_keys(raw)
     raw["model"] = {"kind": cfg.model.kind, **json.loads(json.dumps(cfg.model.params))}
     return raw
 

@@ -31,10 +31,34 @@ class NoInputs(DataError):
     """The input path, directory or glob names no table file (yet)."""
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images under `folder` (any depth, hidden entries left out), in name order."""
+    from torchcycle.runtime.images import is_image_name
+
+    found = []
+    for f in folder.rglob("*"):
+        rel = f.relative_to(folder)
+        if f.is_file() and is_image_name(f.name) and not any(part.startswith(".") for part in rel.parts):
+            found.append(f)
+    return sorted(found)
+
+
+def is_image_folder(path: Path) -> bool:
+    """A directory with images in it and no CSV/Parquet file beside them: one input of images to score."""
+    if not path.is_dir():
+        return False
+    if any(f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith(".") for f in path.iterdir()):
+        return False
+    return bool(image_files(path))
+
+
 def find_inputs(path: str | Path) -> list[Path]:
-    """A file, a directory (its CSV/Parquet files) or a glob; sorted so output order is stable."""
+    """A file, a directory (its CSV/Parquet files; a directory of images alone is one input, for a model of images)
+    or a glob; sorted so output order is stable."""
     text = str(path)
     p = Path(text)
+    if is_image_folder(p):
+        return [p]
     if p.is_dir():
         files = [f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES]
     elif p.is_file():
@@ -63,7 +87,9 @@ _KINDS = {
     "double": "number",
     "string": "string",
     "datetime": "datetime",
+    "binary": "binary",  # encoded image bytes; a table may give them as paths instead (tasks/score.py reads them)
 }
+IMAGE_BATCH_ROWS = 256  # rows per batch of a model of images: each row is a whole encoded image
 
 
 def expected_columns(signature_schema: Any) -> dict[str, str]:
@@ -86,6 +112,8 @@ def _kind_of(t: pa.DataType) -> str:
         return "string"
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         return "datetime"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
     if pa.types.is_null(t):
         return "null"  # an all-empty CSV column: fits any kind
     return str(t)
@@ -107,8 +135,9 @@ def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outpu
     for col, kind in expected.items():
         if col in names and col not in dupes:
             found = _kind_of(schema.field(col).type)
-            # nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1
-            if found not in (kind, "null"):
+            # nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1;
+            # image bytes may come as paths to the image files
+            if found not in (kind, "null") and not (kind == "binary" and found == "string"):
                 wrong.setdefault((kind, str(schema.field(col).type)), []).append(col)
     for (kind, found), cols in wrong.items():
         problems.append(f"column(s) {_names(cols)} must be {kind}, found {found}")
@@ -127,7 +156,7 @@ def _names(cols: list[str], show: int = 6) -> str:
     return ", ".join(f"'{c}'" for c in cols[:show]) + more
 
 
-_CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
+_CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_(), "binary": pa.string()}
 
 
 _CSV_CELL = re.compile(r"In CSV column #(\d+): (.*)", re.S)
@@ -166,6 +195,9 @@ def open_batches(
     CSV columns the model does not use are carried as the text they hold: a guessed type would turn the ID
     00042 into 42, round a 20-digit ID through float64, or fail on text after 100,000 empty rows."""
     pf: pq.ParquetFile | None = None
+    if path.is_dir():  # a folder of images: a table of their paths, relative to it, in the image column
+        yield _image_folder_batches(path, expected, batch_rows)
+        return
     try:
         if path.suffix.lower() == ".csv":
             types = {c: pa.string() for c in _csv_names(path) if c not in expected}
@@ -191,6 +223,23 @@ def open_batches(
     finally:
         if pf is not None:
             pf.close()
+
+
+def _image_folder_batches(
+    folder: Path, expected: dict[str, str], batch_rows: int
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch], int]:
+    images = [c for c, k in expected.items() if k == "binary"]
+    if len(images) != 1 or len(expected) != 1:
+        raise DataError(
+            f"{folder} is a folder of images: the model does not take images (its inputs: {_names(list(expected))})"
+        )
+    names = [str(f.relative_to(folder)) for f in image_files(folder)]
+    schema = pa.schema([(images[0], pa.string())])
+    batches = (
+        pa.RecordBatch.from_arrays([pa.array(names[i : i + batch_rows], pa.string())], schema=schema)
+        for i in range(0, len(names), batch_rows)
+    )
+    return schema, batches, len(names)
 
 
 def pack_rows(sizes: Sequence[int], limit: int) -> list[list[int]]:
@@ -242,6 +291,13 @@ def _short(err: BaseException) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file; of a folder of images, over each image's name and contents."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in image_files(path):
+            with open(f, "rb") as fh:
+                h.update(str(f.relative_to(path)).encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+        return h.hexdigest()
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

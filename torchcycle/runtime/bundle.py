@@ -3,7 +3,7 @@
 A bundle directory holds:
   model.json            kind, model config, task, target, classes, format version
   weights.safetensors   the torch state dict (no pickle)
-  preprocessor.json     input columns/dtypes, image stats, scaling choice
+  preprocessor.json     input columns/dtypes, image stats (per-channel mean/std for image data), scaling
   column_transformer.skops   fitted scikit-learn ColumnTransformer (tabular data; skops secure format)
   input_schema.json     the training inputs' contract (pandera schema): nullability, categories, ranges
   drift_reference.json  the train split's input (and prediction) profile for drift monitoring; absent in
@@ -56,6 +56,9 @@ class FeaturePipeline:
     scale: bool = True
     pixel_mean: float = 0.0  # image data: one mean/std over all pixels of the train split
     pixel_std: float = 1.0
+    image_column: str | None = None  # images: the column of encoded image bytes (the model's only input)
+    channel_mean: list[float] | None = None  # images: per channel, in [0, 1] units, fitted on the train split
+    channel_std: list[float] | None = None
     target_mean: float = 0.0  # regression: the model learns (y - mean) / std, fitted on train
     target_std: float = 1.0
     transformer: Any = field(default=None, repr=False)  # sklearn ColumnTransformer (tabular)
@@ -114,6 +117,47 @@ class FeaturePipeline:
         pipe.transformer = ColumnTransformer(parts, sparse_threshold=0.0).fit(x)
         return pipe
 
+    @classmethod
+    def fit_images(cls, train_images: np.ndarray, image_column: str, classes: list[Any]) -> FeaturePipeline:
+        """The pipeline of image data: uint8 (N, C, H, W) train images -> per-channel mean and std."""
+        from torchcycle.runtime.images import channel_stats
+
+        mean, std = channel_stats(train_images)
+        shape = tuple(int(n) for n in train_images.shape[1:])
+        return cls(
+            [image_column],
+            {image_column: "bytes"},
+            "classification",
+            classes,
+            shape,  # type: ignore[arg-type]
+            image_column=image_column,
+            channel_mean=mean,
+            channel_std=std,
+        )
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, C, H, W) images of this pipeline's shape -> float32 (N, C*H*W) model inputs."""
+        from torchcycle.runtime.images import normalise
+
+        return normalise(images, self.channel_mean or [0.0], self.channel_std or [1.0])
+
+    def decode_images(self, frame: pd.DataFrame) -> np.ndarray:
+        """The image column's encoded bytes -> uint8 (N, C, H, W); ImageError naming every row that is no image."""
+        from torchcycle.runtime.images import ImageError, decode_all
+
+        assert self.image_shape is not None and self.image_column is not None
+        c, h, w = self.image_shape
+        values = frame[self.image_column].tolist()
+        images, bad = decode_all(values, c, (h, w))
+        if bad:
+            labels = frame.index
+            shown = "; ".join(f"row {labels[i]}: {why}" for i, why in bad[:5])
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise ImageError(
+                f"column '{self.image_column}': {len(bad)} value(s) are not a readable image: {shown}{more}", bad
+            )
+        return images
+
     def check_columns(self, frame: pd.DataFrame) -> None:
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
@@ -123,6 +167,8 @@ class FeaturePipeline:
         """(N, F) float32. Extra columns are ignored; missing ones, and values the training data's
         contract refuses (nulls, +-inf, unseen categories), raise DataError naming all of them."""
         self.check_columns(frame)
+        if self.image_column is not None:
+            return self.normalise(self.decode_images(frame))
         if self.contract is not None:
             check_frame(frame, self.contract)
         x = frame[self.columns]

@@ -552,7 +552,7 @@ def test_many_classes_evaluate_in_bounded_memory() -> None:
     model = torch.nn.Linear(4, classes)
     trained = SimpleNamespace(build=lambda: model, fit=FitResult(history=[{"train_loss": 1.0, "val_loss": 1.0}]))
     rng = np.random.default_rng(0)
-    pipeline = SimpleNamespace(task="classification", classes=list(range(classes)))
+    pipeline = SimpleNamespace(task="classification", classes=list(range(classes)), image_column=None)
     prepared = SimpleNamespace(
         x_test=rng.normal(size=(rows, 4)).astype(np.float32), y_test=rng.integers(0, classes, rows), pipeline=pipeline
     )

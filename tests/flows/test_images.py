@@ -24,16 +24,15 @@ from torchcycle.image_demo import CLASSES, write_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "images-test"
-# What configs/images_cnn.yaml reaches on 3 x 90 generated shapes (test split of 54 images), seeds 0-2 on CPU,
-# measured 0.93-0.98; asserted with room for the noise of a small test split (README states the same).
-MIN_TEST_ACCURACY = 0.85
+# configs/images_cnn.yaml on the generated 3 x 150 shapes (test split of 90 images) reaches 0.956-0.989 over
+# seeds 0-5 on CPU (bench/bench_images.py); the test runs seed 0 and keeps room for another machine's arithmetic.
+MIN_TEST_ACCURACY = 0.9
 
 
-def _config(tmp: Path, source: str, **overrides: str) -> Path:
-    """configs/images_cnn.yaml pointed at `source`, fewer epochs (the suite's budget)."""
+def _config(tmp: Path, source: str) -> Path:
+    """configs/images_cnn.yaml as shipped, pointed at `source`."""
     text = (ROOT / "configs" / "images_cnn.yaml").read_text()
     text = text.replace("images:data/shapes/train", source).replace("name: images-cnn", f"name: {NAME}")
-    text = text.replace("epochs: 25", "epochs: 15")
     path = tmp / "images.yaml"
     path.write_text(text)
     return path
@@ -43,7 +42,7 @@ def _config(tmp: Path, source: str, **overrides: str) -> Path:
 def trained(tmp_path_factory, prefect_harness) -> dict:
     root = tmp_path_factory.mktemp("images")
     folder = root / "train"
-    write_shapes(folder, 90, seed=0)
+    write_shapes(folder, 150, seed=0)  # what bench/bench_images.py measures
     new = root / "new"
     write_shapes(new, 8, seed=5, labelled=False)
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -106,7 +105,7 @@ def test_predict_on_a_folder_matches_mlflow_serving_of_the_same_images(trained: 
     ]
     assert set(batch["model_version"].astype(str)) == {"1"}
     truth = batch["image"].str.split("-").str[0]
-    assert (batch["prediction"] == truth).mean() >= MIN_TEST_ACCURACY - 0.1, batch[["image", "prediction"]]
+    assert (batch["prediction"] == truth).mean() >= MIN_TEST_ACCURACY - 0.1, batch[["image", "prediction"]]  # 24
     np.testing.assert_allclose(batch[[f"proba_{c}" for c in CLASSES]].sum(axis=1), 1.0, rtol=1e-5)
 
     images = [base64.b64encode((trained["new"] / f).read_bytes()).decode() for f in files]

@@ -174,6 +174,11 @@ def test_a_table_of_paths_or_bytes_with_labels(folder: Path, tmp_path: Path) -> 
     pd.DataFrame({"file": [*rel[:3], None], "kind": labels[:4]}).to_csv(folder / "holes.csv", index=False)
     with pytest.raises(DataError, match="neither a path nor image bytes"):
         ingest(_cfg(f"images:{folder / 'holes.csv'}", image_column="file", target="kind").data)
+    pd.DataFrame({"file": ["circle/nowhere.png", *rel[:3]], "kind": labels[:4]}).to_csv(
+        folder / "gone.csv", index=False
+    )
+    with pytest.raises(DataError, match=r"1 of 4 image\(s\) cannot be read: .*circle/nowhere.png"):
+        ingest(_cfg(f"images:{folder / 'gone.csv'}", image_column="file", target="kind").data)
     with pytest.raises(DataError, match=r"column\(s\) 'picture' not found"):
         ingest(_cfg(f"images:{folder / 'index.csv'}", image_column="picture", target="kind").data)
 
@@ -241,3 +246,21 @@ def test_augmentation_draws_per_image_and_changes_nothing_when_off() -> None:
     b2 = full(x)
     torch.testing.assert_close(b1, b2)  # seeded: a run is reproducible
     assert not torch.allclose(a, b1)
+
+
+def test_the_model_decodes_bytes_only_and_scores_images_in_small_batches(folder: Path) -> None:
+    """A path sent to a model is never opened (a served model must not read files a request names), and batch
+    scoring of an image model reads at most IMAGE_BATCH_ROWS encoded images at a time."""
+    from torchcycle.registry import ResolvedModel
+    from torchcycle.runtime.images import ImageError
+    from torchcycle.tables import IMAGE_BATCH_ROWS
+    from torchcycle.tasks.score import Scorer
+
+    cfg = _cfg(f"images:{folder}")
+    prepared = build_features(preprocess(ingest(cfg.data), cfg.data, seed=0), cfg.features)
+    path = str(sorted(folder.rglob("*.png"))[0])
+    with pytest.raises(ImageError, match="not image bytes but str"):
+        prepared.pipeline.transform(pd.DataFrame({"image": [path]}))
+    model = ResolvedModel("m", "1", "run")
+    assert Scorer(lambda f: f, {"image": "binary"}, model).batch_rows == IMAGE_BATCH_ROWS == 256
+    assert Scorer(lambda f: f, {"x": "number"}, model).batch_rows == 65_536

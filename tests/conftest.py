@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -173,3 +174,40 @@ def register_classifier(root: Path, name: str, epochs: int = 15) -> str:
     summary = training_flow(cfg, tracking_uri=uri)
     assert summary.model_version == "1" and summary.decision.promote
     return uri
+
+
+@contextlib.contextmanager
+def mlflow_serving(uri: str, model: str, log_dir: Path, startup_s: float = 180):
+    """`mlflow models serve -m MODEL` (MLflow's own server, --env-manager local) on a free loopback port, from the
+    store at `uri`: yields its base URL once /ping answers; stopped afterwards. Its log goes to log_dir/serve.log."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    # mlflow execs `uvicorn` by name: the venv's bin directory must be on PATH even when not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model]
+    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    log = open(log_dir / "serve.log", "wb")  # noqa: SIM115  (kept open for the server's lifetime)
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_s
+        while True:
+            assert server.poll() is None, (log_dir / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow models serve did not come up in {startup_s:g} s"
+            time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

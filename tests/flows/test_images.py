@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cli_output, free_port
+from conftest import cli_output, mlflow_serving
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -122,35 +118,13 @@ def test_predict_on_a_folder_matches_mlflow_serving_of_the_same_images(trained: 
 def _serve_and_ask(uri: str, tmp_path: Path, images: list[str]):
     import httpx
 
-    port = free_port()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (kept open for the server's lifetime)
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
-            time.sleep(0.5)
+    with mlflow_serving(uri, f"models:/{NAME}@champion", tmp_path) as base:
         body = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]}}
         resp = httpx.post(f"{base}/invocations", json=body, timeout=120)
         assert resp.status_code == 200, resp.text[:3000]
         bad = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}}
         refusal = httpx.post(f"{base}/invocations", json=bad, timeout=60)
         return pd.DataFrame(resp.json()["predictions"]), refusal
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_a_table_of_image_paths_scores_like_the_folder(trained: dict, tmp_path: Path) -> None:

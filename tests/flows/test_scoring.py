@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -15,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import artifact_markdown, free_port, register_classifier, scoring_table
+from conftest import artifact_markdown, mlflow_serving, register_classifier, scoring_table
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -262,28 +258,9 @@ def test_mlflow_serving_answers_like_batch_scoring(registered: dict, tmp_path: P
     scoring_flow(NAME, str(src), str(out), ["row_id"], tracking_uri=registered["uri"])
     batch = pd.read_parquet(out)
 
-    port = free_port()
-    # mlflow execs `uvicorn` by name: the venv's bin directory must be on PATH even when not activated.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"], "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (kept open for the server's lifetime)
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with mlflow_serving(registered["uri"], f"models:/{NAME}@champion", tmp_path, startup_s=120) as base:
         import httpx
 
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
-            time.sleep(0.5)
         features = frame.drop(columns=["row_id"])
         body = {"dataframe_split": json.loads(features.to_json(orient="split", index=False))}
         resp = httpx.post(f"{base}/invocations", json=body, timeout=60)
@@ -302,10 +279,6 @@ def test_mlflow_serving_answers_like_batch_scoring(registered: dict, tmp_path: P
             assert answer.status_code == 400, (change, answer.status_code, answer.text[:2000])
             assert needle in answer.json()["message"], (change, answer.text[:2000])
             assert "Traceback" not in answer.text and str(Path.cwd()) not in answer.text, answer.text[:2000]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
     assert online["prediction"].tolist() == batch["prediction"].tolist()
     np.testing.assert_allclose(online["proba_high"], batch["proba_high"], rtol=1e-6)
 

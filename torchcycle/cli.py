@@ -211,6 +211,10 @@ def _preflight(cfg) -> None:
     scheme, _, path = cfg.data.source.partition(":")
     if scheme == "file":
         find_inputs(path)  # a file, a directory or a glob of CSV/Parquet; DataError when there is none
+    if scheme == "images" and not Path(path).exists():
+        from torchcycle.errors import DataError
+
+        raise DataError(f"image source not found: {path}")
 
 
 @app.command()

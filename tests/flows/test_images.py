@@ -66,6 +66,27 @@ def test_a_folder_of_images_trains_registers_and_gates(trained: dict) -> None:
     assert run.data.params["model.global_pool"] == "True"
 
 
+def test_a_retrain_on_the_same_images_is_unchanged_and_new_images_are_not(trained: dict, tmp_path: Path) -> None:
+    """The lineage digest is of the files' contents: the retrain deployment's skip_unchanged finds nothing new in
+    an untouched folder (file times changed), and trains a new version once one image's content changed."""
+    from torchcycle.config import load_config
+    from torchcycle.flows.training import Unchanged, training_flow
+
+    folder = tmp_path / "copy"
+    shutil.copytree(trained["folder"], folder)
+    cfg = load_config(_config(tmp_path, f"images:{folder}"), ["name=images-lineage", "train.epochs=2"])
+    first = training_flow(cfg, tracking_uri=trained["uri"], skip_unchanged=True)
+    assert not isinstance(first, Unchanged) and first.model_version == "1"
+    for p in folder.rglob("*.png"):
+        p.touch()  # newer files, same contents
+    same = training_flow(cfg, tracking_uri=trained["uri"], skip_unchanged=True)
+    assert isinstance(same, Unchanged) and same.model_version == "1"
+    victim = sorted((folder / "square").glob("*.png"))[0]
+    victim.write_bytes((folder / "circle" / "circle-0001.png").read_bytes())  # a circle among the squares
+    again = training_flow(cfg, tracking_uri=trained["uri"], skip_unchanged=True)
+    assert not isinstance(again, Unchanged) and again.model_version == "2"
+
+
 def test_the_bundle_saves_per_channel_normalisation_as_json(trained: dict) -> None:
     import mlflow
 

@@ -264,3 +264,24 @@ def test_the_model_decodes_bytes_only_and_scores_images_in_small_batches(folder:
     model = ResolvedModel("m", "1", "run")
     assert Scorer(lambda f: f, {"image": "binary"}, model).batch_rows == IMAGE_BATCH_ROWS == 256
     assert Scorer(lambda f: f, {"x": "number"}, model).batch_rows == 65_536
+
+
+def test_image_stage_outputs_go_through_the_stage_cache_without_pickle(folder: Path) -> None:
+    from torchcycle.cache import SafeSerializer
+
+    raw = {
+        "name": "img",
+        "data": {"source": f"images:{folder}"},
+        "features": {"augment": {"flip": True, "crop_scale": 0.7}},
+        "model": {"kind": "cnn", "channels": [4]},
+    }
+    cfg = config_from_dict(raw)
+    splits = preprocess(ingest(cfg.data), cfg.data, seed=0)
+    prepared = build_features(splits, cfg.features)
+    s2 = SafeSerializer().loads(SafeSerializer().dumps(splits))
+    np.testing.assert_array_equal(s2.train_images, splits.train_images)
+    assert s2.test["image"].tolist() == splits.test["image"].tolist()  # the files' bytes
+    p2 = SafeSerializer().loads(SafeSerializer().dumps(prepared))
+    assert p2.augment == Augment(True, 0.7, 0.0)
+    assert p2.pipeline.channel_mean == prepared.pipeline.channel_mean
+    np.testing.assert_allclose(p2.pipeline.transform(prepared.test_frame.drop(columns=["label"])), prepared.x_test)

@@ -22,15 +22,30 @@ class Augment:
     jitter: float = 0.0  # brightness and contrast factors drawn from [1 - jitter, 1 + jitter]
 
 
-def augmenter(
-    aug: Augment, image_shape: tuple[int, int, int], mean: Sequence[float], std: Sequence[float]
+def normaliser(
+    image_shape: tuple[int, int, int], mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function of normalised (B, C*H*W) or (B, C, H, W) batches -> augmented (B, C, H, W), same device and
-    dtype. `mean`/`std`: the per-channel normalisation ([0, 1] units) the batch is in, undone for the jitter."""
+    """uint8 pixels (B, C*H*W) -> float32 (B, C*H*W): (x / 255 - mean[c]) / std[c], on the batch's device; the
+    same float32 operations as torchcycle.runtime.images.normalise, so training sees what scoring computes."""
     c, h, w = image_shape
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], c, h, w)
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        return ((x.reshape(x.shape[0], c, h, w).to(torch.float32) / 255.0 - m) / s).reshape(x.shape[0], -1)
+
+    return apply
+
+
+def augmenter(
+    aug: Augment, image_shape: tuple[int, int, int], mean: Sequence[float], std: Sequence[float]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of normalised (B, C*H*W) or (B, C, H, W) batches -> augmented ones of the same shape, device and
+    dtype. `mean`/`std`: the per-channel normalisation ([0, 1] units) the batch is in, undone for the jitter."""
+    c, h, w = image_shape
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.reshape(batch.shape[0], c, h, w)
         b, dev = x.shape[0], x.device
         if aug.flip or aug.crop_scale < 1:
             sx = torch.ones(b, device=dev)
@@ -62,6 +77,6 @@ def augmenter(
             grey = pixels.mean(dim=(1, 2, 3), keepdim=True)
             pixels = ((pixels - grey) * contrast + grey).clamp(0, 1)
             x = (pixels - m) / s
-        return x
+        return x.reshape(batch.shape)
 
     return apply

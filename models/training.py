@@ -47,12 +47,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TensorData:
-    """Model-ready arrays: x float32 (N, F), y int64 class indices or float32 targets (N,)."""
+    """Model-ready arrays: x float32 (N, F), y int64 class indices or float32 targets (N,). With `prepare`, x is
+    stored in another form (uint8 pixels: a quarter of float32's memory, so 4x the images stay resident on a GPU)
+    and `prepare` turns each batch into model inputs on the batch's device, for training and validation alike."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,15 @@ def _evaluate(
     batch_size: int,
     device: torch.device,
     autocast: torch.dtype | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     model.eval()
     total = torch.zeros((), device=device)  # accumulated on the device: one host sync per evaluation
     correct = torch.zeros((), device=device, dtype=torch.long)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        if prepare is not None:
+            xb = prepare(xb)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = model(xb).float()
         total += loss_fn(task, out, yb) * len(yb)
@@ -231,8 +237,9 @@ def _fit_knn(
     start: float,
 ) -> FitResult:
     """KNN: "training" is memorising the train split; one evaluation is its only epoch."""
-    model.fit(data.x_train.to(device), data.y_train.to(device))
-    metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device)
+    x = data.x_train.to(device)
+    model.fit(data.prepare(x) if data.prepare is not None else x, data.y_train.to(device))
+    metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device, prepare=data.prepare)
     if callback:
         callback(1, metrics)
     return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start)
@@ -288,16 +295,16 @@ def _train_epoch(
     task: Task,
     device: torch.device,
     autocast: torch.dtype | None,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss. `augment`
-    changes each batch on its device before the forward pass (training batches only)."""
+    """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss. `transform`
+    turns each batch into (augmented) model inputs on its device before the forward pass."""
     net.train()
     running = torch.zeros((), device=device)  # summed on the device: no per-step host sync
     seen = 0
     for xb, yb in batches:
-        if augment is not None:
-            xb = augment(xb)
+        if transform is not None:
+            xb = transform(xb)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = net(xb)
         loss = loss_fn(task, out.float(), yb)
@@ -386,6 +393,19 @@ class _EpochProgress:
             self.bar.close()
 
 
+def _compose(*fns: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    chain = [f for f in fns if f is not None]
+    if not chain:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for f in chain:
+            x = f(x)
+        return x
+
+    return apply
+
+
 def _out_of_memory(device: torch.device, cfg: TrainConfig) -> OutOfMemory:
     return OutOfMemory(
         f"{device} ran out of memory at train.batch_size={cfg.batch_size}: "
@@ -431,7 +451,8 @@ def fit(
     model.to(device)
     resident = data_fits_on_device(data, device, cfg.gpu_data_budget)
     if resident:
-        data = TensorData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_val, data.y_val)))
+        moved = (t.to(device) for t in (data.x_train, data.y_train, data.x_val, data.y_val))
+        data = TensorData(*moved, prepare=data.prepare)
     if not getattr(model, "trainable", True):
         return _fit_knn(model, data, cfg, task, device, callback, start)
 
@@ -443,11 +464,13 @@ def fit(
     run = _RunState() if resume is None else _restore(resume, model, opt, sched, gen, device)
     epochs = range(run.epoch + 1, cfg.epochs + 1) if not run.stopped else range(0)
     bar = _EpochProgress(epochs, cfg.epochs, enabled=progress and rank == 0)
+    per_batch = _compose(data.prepare, augment)  # stored form -> model inputs -> augmented (training only)
     try:
         for epoch in bar:
             batches = _train_batches(data, cfg, device, resident, gen, epoch)
-            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast, augment)
-            val = _evaluate(model, task, data.x_val, data.y_val, max(cfg.batch_size, 1024), device, autocast)
+            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast, per_batch)
+            val_bs = max(cfg.batch_size, 1024)
+            val = _evaluate(model, task, data.x_val, data.y_val, val_bs, device, autocast, data.prepare)
             metrics = {"train_loss": train_loss, **val}
             if not np.isfinite(train_loss):
                 raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}): lower train.lr")

@@ -110,7 +110,7 @@ def evaluate(trained: TrainedModel, prepared: Prepared) -> EvalReport:
     import matplotlib.pyplot as plt
     from sklearn import metrics as skm
 
-    out = torch_predict(trained.build(), torch.from_numpy(prepared.x_test), torch.device("cpu"))
+    out = torch_predict(trained.build(), torch.from_numpy(prepared.model_inputs(prepared.x_test)), torch.device("cpu"))
     figures = {"loss_curve.png": loss_curve_png(trained.fit)}
     y = prepared.y_test
     task = prepared.pipeline.task
@@ -168,13 +168,11 @@ def misclassified_png(prepared: Prepared, pred: np.ndarray) -> bytes:
     cols = max(1, min(6, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
-    mean = np.asarray(pipe.channel_mean or [0.0]).reshape(-1, 1, 1)
-    std = np.asarray(pipe.channel_std or [1.0]).reshape(-1, 1, 1)
     names = [str(k) for k in pipe.classes or []]
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong, strict=False):
-        img = (prepared.x_test[i].reshape(c, h, w) * std + mean).clip(0, 1)  # back to [0, 1] pixels
+        img = prepared.x_test[i].reshape(c, h, w) / 255.0  # uint8 pixels -> [0, 1]
         ax.imshow(img[0] if c == 1 else img.transpose(1, 2, 0), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
         ax.set_title(f"{names[prepared.y_test[i]]} -> {names[pred[i]]}", fontsize=8)
     total = int((pred != prepared.y_test).sum())
@@ -189,7 +187,7 @@ def misclassified_png(prepared: Prepared, pred: np.ndarray) -> bytes:
 def validation_metrics(trained: TrainedModel, prepared: Prepared) -> dict[str, float]:
     """The test metrics computed on the validation split, named val_*: what a tuning trial is judged by, so the
     test split stays unseen until the winner is evaluated."""
-    out = torch_predict(trained.build(), torch.from_numpy(prepared.x_val), torch.device("cpu"))
+    out = torch_predict(trained.build(), torch.from_numpy(prepared.model_inputs(prepared.x_val)), torch.device("cpu"))
     task = prepared.pipeline.task
     if task == "classification":
         classes = list(prepared.pipeline.classes or [])

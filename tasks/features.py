@@ -23,7 +23,9 @@ class Prepared:
     """Model-ready arrays for each split plus the fitted pipeline that made them."""
 
     pipeline: FeaturePipeline
-    x_train: np.ndarray  # (N, F) float32
+    # (N, F) float32; for images: sources uint8 pixels (N, C*H*W), a quarter of the memory, which the training
+    # loop normalises batch by batch on its device (model_inputs does the same here)
+    x_train: np.ndarray
     y_train: np.ndarray  # (N,) int64 class index or float32 target
     x_val: np.ndarray
     y_val: np.ndarray
@@ -32,6 +34,12 @@ class Prepared:
     test_frame: pd.DataFrame  # raw test rows (features + target), for examples and sample files
     target: str = ""  # the target column of test_frame
     augment: Augment | None = None  # images: what the training loop changes in each batch (None: nothing)
+
+    def model_inputs(self, x: np.ndarray) -> np.ndarray:
+        """One of the x arrays as the model takes it: float32 (N, F) (image pixels normalised)."""
+        if x.dtype != np.uint8 or self.pipeline.image_shape is None:
+            return x
+        return self.pipeline.normalise(x.reshape(len(x), *self.pipeline.image_shape))
 
     @property
     def n_features(self) -> int:
@@ -81,7 +89,7 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
 
 
 def _image_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
-    """Images: per-channel mean/std fitted on the train split; every split normalised to float32 (N, C*H*W).
+    """Images: per-channel mean/std fitted on the train split; every split's pixels as uint8 (N, C*H*W).
     No pandera contract or drift reference: the input is encoded image bytes, checked by decoding them."""
     assert splits.train_images is not None and splits.val_images is not None and splits.test_images is not None
     classes = _sorted_labels(
@@ -93,7 +101,7 @@ def _image_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
     augment = Augment(a.flip, a.crop_scale, a.jitter) if a.active() else None
 
     def xy(frame: pd.DataFrame, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return pipe.normalise(images), pipe.encode_target(frame[splits.target])
+        return images.reshape(len(images), -1), pipe.encode_target(frame[splits.target])
 
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
         xy(splits.train, splits.train_images),

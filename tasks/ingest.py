@@ -15,7 +15,7 @@ from torchcycle.errors import DataError
 from torchcycle.retry import io_task_options
 from torchcycle.runtime.images import IMAGE_SUFFIXES, is_image_name
 from torchcycle.runtime.types import Task
-from torchcycle.tables import find_inputs, frame_digest
+from torchcycle.tables import find_inputs, frame_digest, walk_files
 
 
 @dataclass(frozen=True)
@@ -220,25 +220,20 @@ def _torchvision(name: str, root: str, download: bool) -> tuple[pd.DataFrame, np
 FOLDER_TARGET = "label"  # the label column of an image folder (data.target renames it)
 
 
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
 def _folder_items(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     """ImageFolder's layout: root/<class>/**/<image>. (path, class) pairs in name order, and the files that are
     no image (by extension; hidden ones and files beside the class folders included), which are not read."""
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    ignored = sorted(str(f) for f in root.iterdir() if f.is_file())
+    ignored = sorted(str(f) for f in root.iterdir() if not f.is_dir())
     if not classes:
         raise DataError(f"image folder {root} has no class folders: put each class's images in {root}/<class>/")
     items: list[tuple[Path, str]] = []
     empty = []
     for folder in classes:
-        files = sorted(f for f in folder.rglob("*") if f.is_file())
-        rel = [f.relative_to(folder) for f in files]
-        images = [f for f, r in zip(files, rel, strict=True) if is_image_name(f.name) and not _hidden(r)]
-        chosen = set(images)
-        ignored += [str(f) for f in files if f not in chosen]
+        files, broken = walk_files(folder)
+        images = [f for f in files if is_image_name(f.name)]
+        ignored += [str(f) for f in files if not is_image_name(f.name)]
+        ignored += [str(f) if f.exists() else f"{f} (a link to nothing)" for f in broken]
         if not images:
             empty.append(f"{folder} ({len(files)} other file(s))" if files else str(folder))
         items += [(f, folder.name) for f in images]

@@ -41,7 +41,8 @@ def write_bundle(trained: TrainedModel, prepared: Prepared, target: str, directo
     """The bundle of `trained`; its drift reference gains the model's predictions on the train split."""
     pipeline = prepared.pipeline
     if pipeline.reference is not None:
-        reference = prediction_reference(pipeline.reference, trained, prepared.x_train, pipeline)
+        x_train = prepared.model_inputs(prepared.x_train)
+        reference = prediction_reference(pipeline.reference, trained, x_train, pipeline)
         pipeline = dataclasses.replace(pipeline, reference=reference)  # a copy: the stage's output stays as it was
     return save_bundle(
         directory,

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from torchcycle.checkpoint import load_checkpoint, save_checkpoint
 from torchcycle.config import ModelSpec, TrainSection
 from torchcycle.models import build_model, make_config
-from torchcycle.models.augment import augmenter
+from torchcycle.models.augment import augmenter, normaliser
 from torchcycle.models.training import (
     EpochCallback,
     FitResult,
@@ -63,16 +63,20 @@ def train(
     )
     model = build_model(spec.kind, model_cfg)
     y_dtype = torch.long if prepared.pipeline.task == "classification" else torch.float32
+    pipe = prepared.pipeline
+    augment = prepare = None
+    if pipe.image_column is not None and pipe.image_shape is not None:  # uint8 pixels, normalised per batch
+        mean, std = pipe.channel_mean or [0.0], pipe.channel_std or [1.0]
+        prepare = normaliser(pipe.image_shape, mean, std)
+        if prepared.augment is not None:
+            augment = augmenter(prepared.augment, pipe.image_shape, mean, std)
     data = TensorData(
         torch.tensor(prepared.x_train),
         torch.tensor(prepared.y_train, dtype=y_dtype),
         torch.tensor(prepared.x_val),
         torch.tensor(prepared.y_val, dtype=y_dtype),
+        prepare=prepare,
     )
-    pipe = prepared.pipeline
-    augment = None
-    if prepared.augment is not None and pipe.image_shape is not None and pipe.channel_mean is not None:
-        augment = augmenter(prepared.augment, pipe.image_shape, pipe.channel_mean, pipe.channel_std or [1.0])
     result = fit(
         model,
         data,

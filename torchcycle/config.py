@@ -129,6 +129,7 @@ def _describe_split(rows: int, test_size: float, val_size: float) -> str:
 
 
 _IMAGE_KEYS = ("image_column", "image_size", "channels", "skip_bad_images")
+_Side = Annotated[int, Field(ge=1, le=4096, strict=True)]  # pixels; strict: `true` is no size
 
 
 class DataConfig(_Strict):
@@ -136,10 +137,8 @@ class DataConfig(_Strict):
     target: str | None = None  # target column; required for file sources and images: tables ('label' for folders)
     # images: sources: a folder of class folders, or a CSV/Parquet table of image paths (or bytes) and labels
     image_column: str = Field("image", min_length=1)  # images: table: the column of paths or image bytes
-    image_size: (
-        Annotated[int, Field(ge=1, le=4096)]
-        | tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]]
-    ) = 32  # images are resized to cover it (aspect kept) and centre-cropped to it: N or [H, W] pixels
+    # images are resized to cover it (aspect kept) and centre-cropped to it: N or [H, W] pixels
+    image_size: tuple[_Side, _Side] = (32, 32)
     channels: Literal[1, 3] = 3  # every image is converted to grey (1) or RGB (3)
     skip_bad_images: bool = False  # images: unreadable images are skipped and counted instead of refused
     root: str | None = None  # torchvision: folder holding the IDX files
@@ -191,10 +190,25 @@ class DataConfig(_Strict):
             raise _problems("DataConfig", [problem])
         return self
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        """N means [N, N]; anything but N or [H, W] is one error, not one per reading pydantic tried."""
+        shape = "N or [H, W] pixels (whole numbers, 1 to 4096)"
+        if isinstance(v, bool) or not isinstance(v, int | list | tuple):
+            raise ValueError(f"must be {shape}, got {v!r}")
+        if isinstance(v, int):
+            if not 1 <= v <= 4096:
+                raise ValueError(f"must be {shape}, got {v}")
+            return (v, v)
+        if len(v) != 2:
+            raise ValueError(f"must be {shape}, got {list(v)}")
+        return v
+
     @property
     def size(self) -> tuple[int, int]:
         """image_size as (H, W) pixels."""
-        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        return tuple(self.image_size)  # type: ignore[return-value]
 
     def image_shape(self) -> tuple[int, int, int] | None:
         """(C, H, W) of the model's input when known before reading: an images: source's, or a known set's."""

@@ -31,23 +31,51 @@ class NoInputs(DataError):
     """The input path, directory or glob names no table file (yet)."""
 
 
+def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, left out) under `folder` at any depth, in name order; left out: hidden files and links to nothing
+    (hidden folders are not entered). Linked folders are followed (ImageFolder's rule), each real folder once,
+    so a link loop ends."""
+    import os
+
+    files: list[Path] = []
+    broken: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            p = Path(top) / name
+            (files if p.is_file() and not name.startswith(".") else broken).append(p)
+    return sorted(files), sorted(broken)
+
+
 def image_files(folder: Path) -> list[Path]:
     """The images under `folder` (any depth, hidden entries left out), in name order."""
     from torchcycle.runtime.images import is_image_name
 
-    found = []
-    for f in folder.rglob("*"):
-        rel = f.relative_to(folder)
-        if f.is_file() and is_image_name(f.name) and not any(part.startswith(".") for part in rel.parts):
-            found.append(f)
-    return sorted(found)
+    return [f for f in walk_files(folder)[0] if is_image_name(f.name)]
 
 
 def is_image_folder(path: Path) -> bool:
-    """A directory with images in it and no CSV/Parquet file beside them: one input of images to score."""
+    """A directory with images in it and no CSV/Parquet file beside them: one input of images to score. Images
+    beside a table in one folder are refused (DataError): scoring one kind would drop the other."""
     if not path.is_dir():
         return False
-    if any(f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith(".") for f in path.iterdir()):
+    from torchcycle.runtime.images import is_image_name
+
+    top = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")]
+    tables = [f for f in top if f.suffix.lower() in SUFFIXES]
+    if tables:
+        beside = [f for f in top if is_image_name(f.name)]
+        if beside:
+            raise DataError(
+                f"{path} holds both tables ({tables[0].name}) and images ({beside[0].name}): "
+                "put the images in a folder of their own, or name the table file as the input"
+            )
         return False
     return bool(image_files(path))
 
@@ -71,7 +99,7 @@ def find_inputs(path: str | Path) -> list[Path]:
         files = [f for f in files if not f.name.startswith(".")]
     files = sorted(files)
     if not files:
-        raise NoInputs(f"no .csv or .parquet files in {text}")
+        raise NoInputs(f"no .csv or .parquet files (or images, for a model of images) in {text}")
     bad = [f.name for f in files if f.suffix.lower() not in SUFFIXES]
     if bad:
         raise DataError(f"unsupported input file type: {', '.join(bad)} (use .csv or .parquet)")

@@ -17,7 +17,7 @@ from torchcycle.config import config_from_dict
 from torchcycle.errors import ConfigError, DataError
 from torchcycle.image_demo import write_shapes
 from torchcycle.models import build_model, make_config
-from torchcycle.models.augment import Augment, augmenter
+from torchcycle.models.augment import Augment, augmenter, normaliser
 from torchcycle.runtime.images import decode
 from torchcycle.tasks.features import build_features
 from torchcycle.tasks.ingest import ingest
@@ -60,13 +60,22 @@ def test_splits_and_features_keep_images_with_their_labels(folder: Path) -> None
             np.testing.assert_array_equal(images[i], expect)
     prepared = build_features(splits, cfg.features)
     pipe = prepared.pipeline
-    assert prepared.x_train.shape == (len(splits.train), 3 * 32 * 32) and prepared.x_train.dtype == np.float32
+    # kept as uint8 pixels (a quarter of float32's memory), normalised per batch where they are used
+    assert prepared.x_train.shape == (len(splits.train), 3 * 32 * 32) and prepared.x_train.dtype == np.uint8
+    np.testing.assert_array_equal(prepared.x_train, splits.train_images.reshape(len(splits.train), -1))
+    x = prepared.model_inputs(prepared.x_train)
+    assert x.dtype == np.float32
     # normalised by the train split's per-channel statistics: mean ~0 and std ~1 per channel there
-    per_channel = prepared.x_train.reshape(len(splits.train), 3, -1)
+    per_channel = x.reshape(len(splits.train), 3, -1)
     np.testing.assert_allclose(per_channel.mean(axis=(0, 2)), 0, atol=1e-4)
     np.testing.assert_allclose(per_channel.std(axis=(0, 2)), 1, atol=1e-3)
-    # and the pipeline turns the test split's raw bytes into the same model inputs
-    np.testing.assert_allclose(pipe.transform(splits.test.drop(columns=["label"])), prepared.x_test, atol=1e-6)
+    # the pipeline turns the test split's raw bytes into the same model inputs, bit for bit
+    test_x = prepared.model_inputs(prepared.x_test)
+    np.testing.assert_array_equal(pipe.transform(splits.test.drop(columns=["label"])), test_x)
+    # and the training loop's on-device normalisation computes the same float32 values
+    m, sd = pipe.channel_mean, pipe.channel_std
+    on_device = normaliser((3, 32, 32), m, sd)(torch.from_numpy(prepared.x_test)).numpy()
+    np.testing.assert_array_equal(on_device, test_x)
     assert pipe.classes == ["circle", "square", "triangle"]
 
 
@@ -191,7 +200,9 @@ def test_a_table_of_paths_or_bytes_with_labels(folder: Path, tmp_path: Path) -> 
             {"data": {"source": "sklearn:iris"}, "features": {"augment": {"flip": True}}},
             "features.augment: applies to images: sources only",
         ),
-        ({"data": {"source": "images:x", "image_size": 0}}, "data.image_size"),
+        ({"data": {"source": "images:x", "image_size": 0}}, "data.image_size: must be N or [H, W] pixels"),
+        ({"data": {"source": "images:x", "image_size": True}}, "got True"),
+        ({"data": {"source": "images:x", "image_size": [32]}}, "got [32]"),
         ({"data": {"source": "images:x", "channels": 2}}, "data.channels"),
         ({"data": {"source": "images:x", "task": "regression"}}, "images: sources are classification"),
         ({"data": {"source": "images:"}}, "images source needs a path"),
@@ -231,15 +242,15 @@ def test_augmentation_draws_per_image_and_changes_nothing_when_off() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 3 * 8 * 8)
     off = augmenter(Augment(), (3, 8, 8), [0.5] * 3, [0.2] * 3)
-    torch.testing.assert_close(off(x), x.reshape(64, 3, 8, 8))
-    flip = augmenter(Augment(flip=True), (3, 8, 8), [0.5] * 3, [0.2] * 3)(x)
+    torch.testing.assert_close(off(x), x)  # the shape it is given back
+    flip = augmenter(Augment(flip=True), (3, 8, 8), [0.5] * 3, [0.2] * 3)(x.reshape(64, 3, 8, 8))
     images = x.reshape(64, 3, 8, 8)
     mirrored = torch.isclose(flip, images.flip(-1), atol=1e-5).flatten(1).all(1)
     same = torch.isclose(flip, images, atol=1e-5).flatten(1).all(1)
     assert (mirrored | same).all() and 10 < int(mirrored.sum()) < 54  # each image its own coin
     full = augmenter(Augment(True, 0.5, 0.3), (3, 8, 8), [0.5] * 3, [0.2] * 3)
     a = full(x)
-    assert a.shape == (64, 3, 8, 8) and torch.isfinite(a).all()
+    assert a.shape == (64, 3 * 8 * 8) and torch.isfinite(a).all()
     torch.manual_seed(1)
     b1 = full(x)
     torch.manual_seed(1)
@@ -284,4 +295,82 @@ def test_image_stage_outputs_go_through_the_stage_cache_without_pickle(folder: P
     p2 = SafeSerializer().loads(SafeSerializer().dumps(prepared))
     assert p2.augment == Augment(True, 0.7, 0.0)
     assert p2.pipeline.channel_mean == prepared.pipeline.channel_mean
-    np.testing.assert_allclose(p2.pipeline.transform(prepared.test_frame.drop(columns=["label"])), prepared.x_test)
+    np.testing.assert_array_equal(p2.x_test, prepared.x_test)
+    expect = prepared.model_inputs(prepared.x_test)
+    np.testing.assert_array_equal(p2.pipeline.transform(prepared.test_frame.drop(columns=["label"])), expect)
+
+
+def test_uint8_pixels_normalised_per_batch_train_exactly_like_normalised_floats() -> None:
+    """TensorData.prepare: uint8 stored, normalised batch by batch for training and validation, ends with the
+    weights and history of the same run on inputs normalised beforehand (what 4x more resident images costs)."""
+    from torchcycle.models.training import TensorData, TrainConfig, fit
+    from torchcycle.runtime.images import normalise
+
+    rng = np.random.default_rng(0)
+    shape, mean, std = (3, 4, 4), [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    pixels = {k: rng.integers(0, 256, (n, 48), dtype=np.uint8) for k, n in (("train", 96), ("val", 32))}
+    labels = {k: torch.from_numpy(rng.integers(0, 3, len(v))) for k, v in pixels.items()}
+    cfg = TrainConfig(epochs=3, batch_size=16, patience=0)
+    runs = []
+    for stored in ("uint8", "float"):
+        torch.manual_seed(0)
+        model = build_model("mlp", make_config("mlp", {"hidden": (8,)}, in_features=48, n_outputs=3))
+        if stored == "uint8":
+            x = {k: torch.from_numpy(v) for k, v in pixels.items()}
+            data = TensorData(
+                x["train"], labels["train"], x["val"], labels["val"], prepare=normaliser(shape, mean, std)
+            )
+        else:
+            x = {k: torch.from_numpy(normalise(v.reshape(-1, *shape), mean, std)) for k, v in pixels.items()}
+            data = TensorData(x["train"], labels["train"], x["val"], labels["val"])
+        result = fit(model, data, cfg, task="classification", device=torch.device("cpu"), progress=False)
+        runs.append((result.history, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+
+
+def test_linked_folders_are_followed_once_and_broken_links_counted(folder: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "more-circles"
+    write_shapes(extra, 4, seed=9, labelled=False)  # 12 images, named <class>-<n>
+    (folder / "circle" / "linked").symlink_to(extra, target_is_directory=True)
+    (folder / "circle" / "loop").symlink_to(folder / "circle", target_is_directory=True)  # a cycle: ends
+    (folder / "square" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    raw = ingest(_cfg(f"images:{folder}").data)
+    assert len(raw.frame) == 36 + 12
+    assert sum("/linked/" in p for p in raw.paths) == 12
+    assert [p for p in raw.ignored if "gone.png" in p] == [f"{folder / 'square' / 'gone.png'} (a link to nothing)"]
+
+
+@pytest.mark.parametrize(("side", "needle"), [(12000, "12000x12000 pixels: more than"), (30000, "too many pixels")])
+def test_a_decompression_bomb_is_refused_from_its_header(side: int, needle: str) -> None:
+    """A small PNG whose header claims side x side pixels: refused before a byte of it is decoded."""
+    import struct
+    import time
+    import zlib
+
+    from torchcycle.runtime.images import ImageError
+
+    png = bytearray(_png_bytes("RGB", (8, 8)))
+    ihdr = bytearray(png[12:29])  # b"IHDR" + width, height, depth, colour type, ...
+    ihdr[4:12] = struct.pack(">II", side, side)
+    png[12:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=needle):
+        decode(bytes(png), 3, (32, 32))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_folder_of_images_beside_a_table_is_refused_not_half_scored(tmp_path: Path) -> None:
+    from torchcycle.tables import NoInputs, find_inputs
+
+    mixed = tmp_path / "mixed"
+    write_shapes(mixed, 2, seed=1, labelled=False)
+    assert find_inputs(mixed) == [mixed]  # images only: one input
+    (mixed / "list.csv").write_text("image\ncircle-0000.png\n")
+    with pytest.raises(DataError, match=r"holds both tables .*list\.csv.* and images"):
+        find_inputs(mixed)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoInputs, match="or images"):
+        find_inputs(tmp_path / "empty")

@@ -1,8 +1,9 @@
 """Images as model input: encoded bytes (JPEG, PNG, GIF, WebP) -> uint8 (C, H, W) -> normalised float32.
 
 What training (tasks/ingest.py) and a logged model (the pyfunc, batch scoring) share, so an image is decoded,
-resized and normalised alike in both. Decoding is torchvision.io.decode_image; resizing and cropping are
-torchvision.transforms.v2. Only torch and torchvision are imported: a logged model carries this module.
+resized and normalised alike in both. Decoding is torchvision.io.decode_image, after PIL has read the header
+alone to refuse decompression bombs; resizing and cropping are torchvision.transforms.v2. Torch, torchvision and
+PIL (a torchvision dependency) are all it imports: a logged model carries this module.
 """
 
 from __future__ import annotations
@@ -50,6 +51,30 @@ def _resizer(h: int, w: int, size: tuple[int, int]):
     return v2.Compose([v2.Resize(covered, antialias=True), v2.CenterCrop(size)])
 
 
+def _check_dimensions(data: bytes | bytearray | memoryview) -> None:
+    """Refuse, from the header alone, an image that would decode to more than MAX_IMAGE_PIXELS (over all frames of
+    an animation): a few hundred KB of PNG can stand for gigabytes of pixels. Headers PIL cannot read are left to
+    decode_image, which names what is wrong."""
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as im:  # reads the header, not the pixels
+                w, h = im.size
+                frames = int(getattr(im, "n_frames", 1) or 1)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"too many pixels to decode ({err})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return
+    if w * h * frames > MAX_IMAGE_PIXELS:
+        many = f" x {frames} frames" if frames > 1 else ""
+        raise ImageError(f"{w}x{h} pixels{many}: more than the {MAX_IMAGE_PIXELS} an image may decode to")
+
+
 def decode(data: bytes, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """Encoded bytes -> uint8 (channels, H, W) of `size`. Grayscale, palette and RGBA images are converted to
     `channels` (1: grey, 3: RGB); 16-bit images are scaled to 8 bits. ImageError with the reason otherwise."""
@@ -62,6 +87,7 @@ def decode(data: bytes, channels: int, size: tuple[int, int]) -> torch.Tensor:
         raise ImageError("empty (0 bytes)")
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"{len(data)} bytes: more than the {MAX_IMAGE_BYTES} an image may have")
+    _check_dimensions(data)
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
@@ -70,8 +96,6 @@ def decode(data: bytes, channels: int, size: tuple[int, int]) -> torch.Tensor:
     if img.ndim == 4:  # an animated GIF: its first frame
         img = img[0]
     h, w = img.shape[-2:]
-    if h * w > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{w}x{h} pixels: more than {MAX_IMAGE_PIXELS}")
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = to_dtype(img, torch.uint8, scale=True)
     if (h, w) != tuple(size):

@@ -155,3 +155,68 @@ def test_a_fresh_env_from_the_models_own_requirements_answers_like_batch_scoring
     loaded = _load_elsewhere(python, model, out, {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
     assert loaded["torchcycle"].startswith(str(model["dir"] / "code")), loaded  # the model's own copy
     _same_as_batch(model, out)
+
+
+# Loads an image model from a local directory and scores encoded image files; run by the fresh env's interpreter.
+LOAD_IMAGES = """
+import json, sys
+from pathlib import Path
+import pandas as pd
+import mlflow
+model_dir, folder, out = sys.argv[1:4]
+files = sorted(Path(folder).iterdir())
+frame = pd.DataFrame({"image": [f.read_bytes() for f in files]})
+pred = mlflow.pyfunc.load_model(model_dir).predict(frame)
+pred.insert(0, "image", [f.name for f in files])
+pred.to_parquet(out)
+"""
+
+
+@pytest.mark.timeout(1800)
+def test_an_image_model_answers_in_a_fresh_env_as_torchcycle_predict_does(
+    model: dict, tmp_path: Path, prefect_harness
+) -> None:
+    """The image path of the runtime (torchvision decoding, PIL's header check) needs nothing the model's
+    requirements do not list: a model trained on a folder scores image bytes in the fresh env like batch scoring."""
+    import mlflow
+    from conftest import cli_output
+    from typer.testing import CliRunner
+
+    from torchcycle.cli import app
+    from torchcycle.image_demo import write_shapes
+
+    write_shapes(tmp_path / "train", 20, seed=0)
+    write_shapes(tmp_path / "new", 3, seed=4, labelled=False)
+    cfg = (ROOT / "configs" / "images_cnn.yaml").read_text().replace("data/shapes/train", str(tmp_path / "train"))
+    (tmp_path / "img.yaml").write_text(cfg.replace("epochs: 25", "epochs: 2"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    scored = tmp_path / "scored.parquet"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for args in (
+            ["train", "--config", str(tmp_path / "img.yaml")],
+            ["predict", "-m", "images-cnn", "-i", str(tmp_path / "new"), "-o", str(scored)],
+        ):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, cli_output(result)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/images-cnn/1", dst_path=str(tmp_path / "model"), tracking_uri=uri
+    )
+    requirements = Path(local) / "requirements.txt"
+    assert requirements.read_text() == (model["dir"] / "requirements.txt").read_text()  # one runtime, one env
+    venv = _fresh_env(requirements)
+    out = tmp_path / "online.parquet"
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", LOAD_IMAGES, local, str(tmp_path / "new"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batch, online = pd.read_parquet(scored), pd.read_parquet(out)
+    assert online["image"].tolist() == batch["image"].tolist() and len(batch) == 9
+    assert online["prediction"].tolist() == batch["prediction"].tolist()
+    proba = [c for c in batch.columns if c.startswith("proba_")]
+    pd.testing.assert_frame_equal(online[proba], batch[proba], check_dtype=False)

@@ -295,7 +295,7 @@ def _read_images(cfg: DataConfig) -> RawData:
         raise DataError(f"image source {root} holds no images")
     digest = hashlib.sha256(f"{cfg.image_column}\0{target}\0".encode())
     blobs, labels, paths, images, bad = [], [], [], [], []
-    for i, (where, label) in enumerate(items):
+    for i, (where, label) in enumerate(_progress(items, "images")):
         name = str(where) if isinstance(where, Path) else f"{root} row {i}"
         try:
             data = where.read_bytes() if isinstance(where, Path) else where
@@ -335,6 +335,17 @@ def _read_images(cfg: DataConfig) -> RawData:
         skipped=tuple(bad),
         ignored=tuple(ignored),
     )
+
+
+def _progress(items: list[Any], unit: str) -> Any:
+    """A bar on a terminal (reading a big folder takes a while); a plain iteration elsewhere (ingest_task logs
+    the count and time when done)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    isatty = getattr(sys.stderr, "isatty", None)
+    return tqdm(items, unit=unit, desc="ingest", leave=False, disable=not (isatty and isatty()))
 
 
 def _limited(raw: RawData, limit: int | None) -> RawData:
@@ -396,10 +407,17 @@ def ingest(cfg: DataConfig) -> RawData:
 
 @task(name="ingest", **io_task_options())
 def ingest_task(cfg: DataConfig) -> RawData:
-    raw = ingest(cfg)
-    if raw.skipped or raw.ignored:  # said, not silent
-        from prefect import get_run_logger
+    import time
 
+    from prefect import get_run_logger
+
+    start = time.perf_counter()
+    raw = ingest(cfg)
+    if raw.images is not None:
+        get_run_logger().info(
+            "read %d images as %s uint8 in %.1f s", len(raw.images), raw.image_shape, time.perf_counter() - start
+        )
+    if raw.skipped or raw.ignored:  # said, not silent
         logger = get_run_logger()
         if raw.skipped:
             logger.warning(

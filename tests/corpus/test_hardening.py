@@ -554,7 +554,10 @@ def test_many_classes_evaluate_in_bounded_memory() -> None:
     rng = np.random.default_rng(0)
     pipeline = SimpleNamespace(task="classification", classes=list(range(classes)), image_column=None)
     prepared = SimpleNamespace(
-        x_test=rng.normal(size=(rows, 4)).astype(np.float32), y_test=rng.integers(0, classes, rows), pipeline=pipeline
+        x_test=rng.normal(size=(rows, 4)).astype(np.float32),
+        y_test=rng.integers(0, classes, rows),
+        pipeline=pipeline,
+        model_inputs=lambda x: x,  # float features: what Prepared.model_inputs gives them back as
     )
     tracemalloc.start()
     report = evaluate(trained, prepared)

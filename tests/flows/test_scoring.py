@@ -320,7 +320,9 @@ def test_plan_scoring_says_why_there_is_nothing_to_do(tmp_path: Path) -> None:
     ref, incoming, out = ModelRef("m", alias="champion"), tmp_path / "incoming", tmp_path / "scored"
     assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == f"input not found: {incoming}"
     incoming.mkdir()
-    assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == f"no .csv or .parquet files in {incoming}"
+    assert plan_scoring(_Registry("1"), ref, str(incoming), out).idle == (
+        f"no .csv or .parquet files (or images, for a model of images) in {incoming}"
+    )
     _table(3).to_parquet(incoming / "a.parquet")
     no_champion = plan_scoring(_Registry(None), ref, str(incoming), out)
     assert no_champion.idle == "no model version for 'm@champion' in the registry (train one first)"

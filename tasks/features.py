@@ -61,8 +61,9 @@ def _sorted_labels(values: pd.Series) -> list[Any]:
 def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | None = None) -> Prepared:
     """Fit the pipeline on the train split and transform every split. The pipeline carries the drift reference
     of the train split's raw features (its predictions are added when the bundle is written)."""
+    drift = drift or DriftConfig()
     if splits.train_images is not None:
-        return _image_features(splits, cfg)
+        return _image_features(splits, cfg, drift)
     classes = None
     if splits.task == "classification":
         classes = _sorted_labels(
@@ -72,7 +73,6 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
     # The contract describes the whole training data set (categories or nulls may first appear in a
     # held-out split); only the fitted statistics above come from the train split alone.
     pipe.contract = infer_contract(pd.concat([splits.train, splits.val, splits.test]).drop(columns=[splits.target]))
-    drift = drift or DriftConfig()
     pipe.reference = ReferenceProfile.from_frame(
         splits.train.drop(columns=[splits.target]),
         drift.bins,
@@ -88,15 +88,23 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
     return Prepared(pipe, x_tr, y_tr, x_va, y_va, x_te, y_te, splits.test, splits.target)
 
 
-def _image_features(splits: Splits, cfg: FeaturesConfig) -> Prepared:
+def _image_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig) -> Prepared:
     """Images: per-channel mean/std fitted on the train split; every split's pixels as uint8 (N, C*H*W).
-    No pandera contract or drift reference: the input is encoded image bytes, checked by decoding them."""
+    No pandera contract (the input is encoded image bytes, checked by decoding them). The drift reference profiles
+    no input column, only the predictions (added when the bundle is written): scoring watches the class mix."""
     assert splits.train_images is not None and splits.val_images is not None and splits.test_images is not None
     classes = _sorted_labels(
         pd.concat([splits.train[splits.target], splits.val[splits.target], splits.test[splits.target]])
     )
     column = next(c for c in splits.train.columns if c != splits.target)
     pipe = FeaturePipeline.fit_images(splits.train_images, column, classes)
+    pipe.reference = ReferenceProfile.from_frame(
+        pd.DataFrame(index=splits.train.index),  # the train split's rows, no column of its own
+        drift.bins,
+        warn=drift.warn,
+        threshold=drift.threshold,
+        min_rows=drift.min_rows,
+    )
     a = cfg.augment
     augment = Augment(a.flip, a.crop_scale, a.jitter) if a.active() else None
 

@@ -560,9 +560,10 @@ def _print_scoring(result) -> None:
     typer.echo(f"output {result.output}   (MLflow run {result.scoring_run_id})")
     report = result.drift
     if report is not None and report.judged:
-        worst = ", ".join(f"{c} {v:.2f}" for c, v in report.worst(3))
-        pred = f"; predictions {report.prediction_psi:.2f}" if report.prediction_psi is not None else ""
-        line = f"drift  {report.status}: PSI {worst}{pred}"
+        parts = [", ".join(f"{c} {v:.2f}" for c, v in report.worst(3))] if report.psi else []
+        if report.prediction_psi is not None:  # a model of images has only this one
+            parts.append(f"predictions {report.prediction_psi:.2f}")
+        line = f"drift  {report.status}: PSI {'; '.join(parts)}"
         if not report.enough_rows:
             line += f" -- {report.rows} rows, fewer than drift.min_rows ({report.min_rows}): not judged"
         elif report.drifted:

@@ -220,3 +220,22 @@ def test_a_bad_training_folder_is_one_error_line_and_writes_nothing(tmp_path: Pa
         client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
         assert not client.search_registered_models()
         assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_scoring_watches_the_class_mix_of_an_image_model(trained: dict, tmp_path: Path) -> None:
+    """An image model's drift reference is its predictions on the train split: a batch of circles only is a
+    shifted class mix (judged once drift.min_rows rows are scored; 1000 by default, so here recorded only)."""
+    circles = tmp_path / "circles"
+    circles.mkdir()
+    for p in trained["new"].glob("circle-*"):
+        shutil.copy(p, circles / p.name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+        args = ["predict", "-m", NAME, "-i", str(circles), "-o", str(tmp_path / "c.parquet"), "--json"]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, cli_output(result)
+    drift = json.loads(result.output.strip().splitlines()[-1])["drift"]
+    assert drift["status"] == "too-few-rows" and drift["prediction_psi"] >= 0.25, drift
+    assert "drift  too-few-rows: PSI predictions" in result.output
+    run = MlflowClient(trained["uri"]).get_run(json.loads(result.output.strip().splitlines()[-1])["run_id"])
+    assert run.data.metrics["drift_prediction_psi"] == pytest.approx(drift["prediction_psi"])

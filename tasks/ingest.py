@@ -246,7 +246,7 @@ def _folder_items(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     return items, ignored
 
 
-def _table_items(path: Path, column: str, target: str) -> tuple[list[tuple[Path | bytes, Any]], list[str]]:
+def _table_items(path: Path, column: str, target: str) -> list[tuple[Path | bytes, Any]]:
     """A table of image paths (relative to the table's folder) or image bytes, and labels."""
     frame = read_tables(find_inputs(str(path)), allow_bytes=True)
     missing = [c for c in (column, target) if c not in frame.columns]
@@ -270,7 +270,7 @@ def _table_items(path: Path, column: str, target: str) -> tuple[list[tuple[Path 
             f"{path}: column '{column}' has {len(holes)} row(s) with neither a path nor image bytes "
             f"(rows {', '.join(map(str, holes[:5]))}{' ...' if len(holes) > 5 else ''})"
         )
-    return items, []
+    return items
 
 
 def _read_images(cfg: DataConfig) -> RawData:
@@ -290,7 +290,7 @@ def _read_images(cfg: DataConfig) -> RawData:
         if not cfg.target:
             raise DataError(f"{root}: a table of images needs data.target, the name of its label column")
         target = cfg.target
-        items, ignored = _table_items(root, cfg.image_column, target)  # type: ignore[assignment]
+        items, ignored = _table_items(root, cfg.image_column, target), []  # type: ignore[assignment]
     if not items:
         raise DataError(f"image source {root} holds no images")
     digest = hashlib.sha256(f"{cfg.image_column}\0{target}\0".encode())

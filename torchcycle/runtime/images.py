@@ -19,7 +19,7 @@ from torchcycle.runtime.types import DataError
 # What decode_image reads (torchvision 0.29: JPEG, PNG, GIF, WebP); a folder's other files are not images.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 MAX_IMAGE_BYTES = 64 << 20  # one encoded image; more is not a photo but a mistake (or a decompression bomb)
-MAX_IMAGE_PIXELS = 100_000_000  # decoded H * W, checked before resizing (a 10000 x 10000 image)
+MAX_IMAGE_PIXELS = 100_000_000  # H * W (times frames) an image may decode to, read from its header
 
 
 class ImageError(DataError):
@@ -139,10 +139,3 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     out = (images.astype(np.float32) / 255.0 - m) / s
     return out.reshape(len(images), -1)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (C, H, W) -> PNG bytes (an input example of a model that takes image bytes)."""
-    from torchvision.io import encode_png as _encode
-
-    return bytes(_encode(torch.from_numpy(np.ascontiguousarray(image))).numpy().tobytes())

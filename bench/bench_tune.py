@@ -10,7 +10,9 @@
 3. The machine's ceiling for these trials: the same fits (each trial's config, plain training, no tracking, no
    Prefect), one after the other in one warm process with torch's default threads (as --parallel 1 trains)
    against split over 2 warm worker processes of one torch thread each (as --parallel 2 trains).
-4. Prints, for K = 1 and 2: the whole command's wall time, the trials' span (first trial start to last trial
+4. The same fits over 2 Dask workers (one thread each), with Dask's default worker settings and with
+   torchcycle's (torchcycle/dask_workers.yaml), against the 2 plain processes of step 3.
+5. Prints, for K = 1 and 2: the whole command's wall time, the trials' span (first trial start to last trial
    end, from the study), the ratio K=2 / K=1 of both (goal: whole command <= 0.7), the ceiling's ratio, and
    checks that both runs ran the same trials.
 """
@@ -117,9 +119,10 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def ceiling(config: Path, params: list[str]) -> tuple[float, float]:
+def ceiling(config: Path, params: list[str]) -> tuple[float, float, float]:
     """Seconds for the fits of `params` one after the other in this process (torch's default threads, as
-    --parallel 1 trains), and split over 2 worker processes of one torch thread each (as --parallel 2 does)."""
+    --parallel 1 trains), and split over 2 worker processes of one torch thread each (as --parallel 2 does): the
+    wall time, and the sum of the fits' own times."""
     import multiprocessing as mp
 
     jobs = [(str(config), p) for p in params]
@@ -131,9 +134,32 @@ def ceiling(config: Path, params: list[str]) -> tuple[float, float]:
     with mp.get_context("spawn").Pool(2, initializer=_one_thread) as pool:
         pool.map(_fit_once, jobs[:2])  # warm both workers
         start = time.perf_counter()
-        pool.map(_fit_once, jobs, chunksize=1)
+        fits = pool.map(_fit_once, jobs, chunksize=1)
         split = time.perf_counter() - start
-    return alone, split
+    return alone, split, sum(fits)
+
+
+def on_dask(config: Path, params: list[str], ours: bool) -> tuple[float, float]:
+    """Seconds for the same fits over a local Dask cluster of 2 worker processes of one thread each, with Dask's
+    default worker settings or with torchcycle's (torchcycle/dask_workers.yaml, as --parallel 2 runs them): the
+    wall time, and the sum of the fits' own times (Dask assigns the fits to workers ahead, so the wall time also
+    shows how evenly)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from torchcycle.flows.scoring import local_cluster
+
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)  # the in-process scheduler's closing chatter
+    make = local_cluster if ours else LocalCluster
+    jobs = [(str(config), p) for p in params]
+    kw = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    with make(**kw, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        client.run(_one_thread)
+        client.gather(client.map(_fit_once, jobs[:2], pure=False))  # warm both workers
+        start = time.perf_counter()
+        fits = client.gather(client.map(_fit_once, jobs, pure=False))
+        return time.perf_counter() - start, sum(fits)
 
 
 def main() -> None:
@@ -152,7 +178,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    alone, split = ceiling(args.config.resolve(), one["params"])
+    alone, split, split_fits = ceiling(args.config.resolve(), one["params"])
+    defaults, ours = (on_dask(args.config.resolve(), one["params"], flag) for flag in (False, True))
     same = one["params"] == two["params"]
     print(f"{args.config.name}: {args.trials} trials, random sampler, no pruning; {os.cpu_count()} CPU cores,")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; one Prefect server for both runs")
@@ -167,6 +194,11 @@ def main() -> None:
     print(
         f"{'  2 processes':14}{'':>11}{split:>15.1f}   one torch thread each: the machine's ceiling {split / alone:.2f}"
     )
+    for name, (wall, fits) in (("  Dask", defaults), ("  Dask, ours", ours)):
+        print(
+            f"{name:14}{'':>11}{wall:>15.1f}   2 Dask workers, {'torchcycle' if 'ours' in name else 'Dask'}'s worker "
+            f"settings: each fit {fits / split_fits:.2f}x its time in the 2 processes"
+        )
     print(f"same trials in both runs: {'yes' if same else 'NO'} ({one['trials']} and {two['trials']})")
     if not same:
         raise SystemExit(1)

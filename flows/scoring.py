@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +54,7 @@ def dask_runner(workers: int = 0, address: str | None = None, torch_threads: int
     if address:
         return DaskTaskRunner(address=address, client_kwargs={"timeout": DASK_CONNECT_TIMEOUT_S})
     return DaskTaskRunner(
+        cluster_class=local_cluster,
         cluster_kwargs={
             "n_workers": workers,
             "threads_per_worker": 1,
@@ -60,8 +64,48 @@ def dask_runner(workers: int = 0, address: str | None = None, torch_threads: int
             # own errors come back through their futures.
             "silence_logs": logging.CRITICAL,
             **({"env": {"OMP_NUM_THREADS": str(torch_threads)}} if torch_threads else {}),
-        }
+        },
     )
+
+
+def start_workers_early() -> threading.Thread | None:
+    """The flow's Dask task runner makes its client, and its local cluster, on the first submit. Made now on a
+    thread, the workers start and import torch & co. (torchcycle/dask_preload.py) while this process prepares
+    the data. Join the thread before the first submit: two makers would start two clusters."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx is not None else None
+    task_runners = sys.modules.get("prefect_dask")  # not imported: no Dask task runner can be in use
+    if task_runners is None or not isinstance(runner, task_runners.DaskTaskRunner):
+        return None
+    thread = threading.Thread(target=_make_client, args=(runner,), name="torchcycle-dask-start", daemon=True)
+    thread.start()
+    return thread
+
+
+def _make_client(runner: Any) -> None:
+    with contextlib.suppress(Exception):  # the first submit makes it again and raises its error where it is handled
+        _ = runner.client  # the property makes it
+
+
+def worker_settings() -> dict[str, Any]:
+    """torchcycle/dask_workers.yaml: the Dask settings its workers train and score fastest with (why: there)."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load((files("torchcycle") / "dask_workers.yaml").read_text())
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """A distributed.LocalCluster whose workers run with `worker_settings()` on top of the user's Dask config
+    (the nanny reads its environment, and each worker its config, when it is made)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(dask.config.merge(dask.config.config, worker_settings())):
+        return LocalCluster(**kwargs)
 
 
 def score_files(model: str, input: str, output: str, workers: int = 0, dask: str | None = None, **kw: Any) -> Any:

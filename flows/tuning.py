@@ -22,6 +22,7 @@ from prefect.futures import as_completed
 from torchcycle.cache import cached, stage_keys
 from torchcycle.config import ExperimentConfig, check_against_task, with_params
 from torchcycle.errors import ConfigError
+from torchcycle.flows.scoring import dask_runner, start_workers_early
 from torchcycle.flows.training import TrainingSummary, Unchanged, training_flow
 from torchcycle.tasks.features import Prepared, features_task
 from torchcycle.tasks.gate import default_metric
@@ -80,8 +81,6 @@ def tune_study(config: ExperimentConfig, trials: int, parallel: int = 1, dask: s
     took 0.9-1.0x the time of one after the other (measured on 2 cores); in two processes, 0.6x."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from torchcycle.flows.scoring import dask_runner
-
     parallel = max(1, min(parallel, trials))  # no more workers than trials
     if dask:
         runner = dask_runner(address=dask)
@@ -111,6 +110,7 @@ def tuning_flow(
     # storage None: resolved here from $TORCHCYCLE_OPTUNA_STORAGE, so a database password is no flow parameter
     uri, url, name = resolve_tracking_uri(tracking_uri), storage or default_storage(tracking_uri), study
     use_tracking_uri(uri)
+    workers = start_workers_early()
     raw = ingest_task(config.data)
     validate_task(raw)
     check_against_task(config, raw.task)
@@ -126,6 +126,8 @@ def tuning_flow(
     _take_over(the_study, config, uri, parent)
     plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
     try:
+        if workers is not None:
+            workers.join()
         ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
         log_study_task(uri, parent, the_study, metric)
         best = best_trial(the_study)

@@ -208,3 +208,4 @@ def test_the_wheel_installs_one_package(tmp_path: Path) -> None:
     assert tops == {"torchcycle", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for module in ("models/cnn.py", "tasks/gate.py", "flows/training.py", "runtime/pyfunc.py", "cli.py"):
         assert f"torchcycle/{module}" in names, module
+    assert "torchcycle/dask_workers.yaml" in names  # the Dask workers' settings, read at run time

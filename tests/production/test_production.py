@@ -320,6 +320,8 @@ def _start_dask(st: Stack) -> None:
     )
     worker_cmd = [c.replace("dask-scheduler:8786", f"dask-scheduler:{port}") for c in work["command"]]
     worker_env = st.proc_env("dask-worker", HOSTNAME="dask-worker-1", DASK_WORKER_MEMORY="2GiB")
+    assert worker_env["DASK_CONFIG"].startswith("/app/torchcycle/"), "the image's path of torchcycle's Dask settings"
+    worker_env["DASK_CONFIG"] = worker_env["DASK_CONFIG"].replace("/app/", f"{ROOT}/", 1)
     st.start("dask-worker", worker_cmd, worker_env)
     for service, env in (("dask-scheduler", worker_env), ("dask-worker", worker_env)):
         test = st.services[service]["healthcheck"]["test"]
@@ -363,6 +365,28 @@ def _prefect(st: Stack, method: str, path: str, **kwargs) -> httpx.Response:
     user, _, password = SECRETS["PREFECT_API_AUTH_STRING"].partition(":")
     url = f"http://127.0.0.1:{st.ports['prefect-server']}/api{path}"
     return httpx.request(method, url, headers=_login(user, password), timeout=30, **kwargs)
+
+
+def test_compose_dask_workers_run_with_torchcycle_settings(stack: Stack) -> None:
+    """The dask-worker service's processes load torchcycle/dask_workers.yaml (DASK_CONFIG): the profiler off, no
+    MALLOC_TRIM_THRESHOLD_ from the nanny, torch imported by the preload; asked through the scheduler's name."""
+    probe = (
+        "import json, sys; from distributed import Client\n"
+        "with Client(sys.argv[1], timeout=30) as c:\n"
+        "    c.run(__import__('torchcycle.dask_preload').dask_preload.wait, 120)\n"
+        "    print(json.dumps({'profile': c.run(__import__('dask').config.get, 'distributed.worker.profile.enabled'),\n"
+        "        'trim': c.run(__import__('os').environ.get, 'MALLOC_TRIM_THRESHOLD_'),\n"
+        "        'torch': c.run(__import__('torchcycle.dask_preload').dask_preload.wait, 0)}))\n"
+    )
+    env = stack.proc_env("dask-worker")
+    env.pop("DASK_CONFIG")  # this client's own settings do not matter
+    done = stack.run([sys.executable, "-c", probe, f"tcp://dask-scheduler:{stack.ports['dask']}"], env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(seen["profile"]) == 2  # both worker processes of the service answered
+    assert set(seen["profile"].values()) == {False}
+    assert set(seen["trim"].values()) == {None}
+    assert all(imported for imported in seen["torch"].values())
 
 
 def test_mlflow_answers_its_service_name_and_only_with_credentials(stack: Stack) -> None:

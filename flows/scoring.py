@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
 import threading
@@ -68,10 +67,10 @@ def dask_runner(workers: int = 0, address: str | None = None, torch_threads: int
     )
 
 
-def start_workers_early() -> threading.Thread | None:
+def start_workers_early() -> _EarlyClient | None:
     """The flow's Dask task runner makes its client, and its local cluster, on the first submit. Made now on a
     thread, the workers start and import torch & co. (torchcycle/dask_preload.py) while this process prepares
-    the data. Join the thread before the first submit: two makers would start two clusters."""
+    the data. `wait()` for it before the first submit: two makers would start two clusters."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -79,14 +78,28 @@ def start_workers_early() -> threading.Thread | None:
     task_runners = sys.modules.get("prefect_dask")  # not imported: no Dask task runner can be in use
     if task_runners is None or not isinstance(runner, task_runners.DaskTaskRunner):
         return None
-    thread = threading.Thread(target=_make_client, args=(runner,), name="torchcycle-dask-start", daemon=True)
-    thread.start()
-    return thread
+    early = _EarlyClient(runner)
+    early.start()
+    return early
 
 
-def _make_client(runner: Any) -> None:
-    with contextlib.suppress(Exception):  # the first submit makes it again and raises its error where it is handled
-        _ = runner.client  # the property makes it
+class _EarlyClient(threading.Thread):
+    def __init__(self, runner: Any) -> None:
+        super().__init__(name="torchcycle-dask-start", daemon=True)
+        self.runner, self.error = runner, None
+
+    def run(self) -> None:
+        try:
+            _ = self.runner.client  # the property makes it
+        except BaseException as err:  # raised by wait(), in the flow's thread
+            self.error = err
+
+    def wait(self) -> None:
+        """Until the client is made; raises what making it raised (a scheduler that does not answer: its timeout,
+        once, not again at the first submit)."""
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def worker_settings() -> dict[str, Any]:

@@ -127,7 +127,7 @@ def tuning_flow(
     plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
     try:
         if workers is not None:
-            workers.join()
+            workers.wait()
         ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
         log_study_task(uri, parent, the_study, metric)
         best = best_trial(the_study)

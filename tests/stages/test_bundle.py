@@ -110,3 +110,30 @@ def test_numeric_transform_is_scikit_learns_bit_for_bit(dtype: str, scale: bool)
     assert FeaturePipeline.fit(with_text, "y", "classification", [0, 1], None, scale)._affine() is None
     empty = train.assign(e=np.nan)  # scikit-learn drops a column empty in training
     assert FeaturePipeline.fit(empty, "y", "classification", [0, 1], None, scale)._affine() is None
+
+
+def test_numeric_fast_path_refuses_what_the_contract_refuses() -> None:
+    """The one float array the numeric path checks: a hole where training had holes passes; a hole elsewhere,
+    an inf and text in a number column are each refused by the contract with its message, never a numpy error."""
+    import pandas as pd
+
+    from torchcycle.runtime.bundle import FeaturePipeline
+
+    rng = np.random.default_rng(3)
+    train = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"]).assign(y=rng.integers(0, 2, 300))
+    train.loc[::10, "a"] = np.nan  # nullable: a
+    pipe = FeaturePipeline.fit(train, "y", "classification", [0, 1], None, True)
+    rows = train.drop(columns="y").head(20).copy()
+    assert pipe._affine() is not None and pipe.transform(rows).shape == (20, 3)
+    hole = rows.copy()
+    hole.loc[5, "b"] = np.nan
+    with pytest.raises(DataError, match=r"column 'b'.*null"):
+        pipe.transform(hole)
+    inf = rows.copy()
+    inf.loc[7, "c"] = -np.inf
+    with pytest.raises(DataError, match=r"column 'c' fails finite"):
+        pipe.transform(inf)
+    text = rows.astype({"b": object})
+    text.loc[3, "b"] = "1.5x"
+    with pytest.raises(DataError, match=r"'b'"):
+        pipe.transform(text)

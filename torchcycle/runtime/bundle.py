@@ -14,6 +14,7 @@ Nothing here unpickles: loading refuses any file it does not expect to read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from torchcycle.models import build_model
 from torchcycle.models.inference import predict as torch_predict
-from torchcycle.runtime.contract import check_frame, infer_contract
+from torchcycle.runtime.contract import check_frame, clearly_valid_values, infer_contract
 from torchcycle.runtime.contract import from_json as contract_from_json
 from torchcycle.runtime.contract import to_json as contract_to_json
 from torchcycle.runtime.drift import ReferenceProfile
@@ -80,12 +81,20 @@ class _NumericAffine:
         return None
 
     def transform(self, x: pd.DataFrame) -> np.ndarray:
-        """(N, F) float32, equal to the transformer's: in float64 unless every column is float32 (or 16), as
-        scikit-learn's input check keeps them."""
+        """(N, F) float32, equal to the transformer's."""
+        return self.apply(self.values(x))
+
+    @staticmethod
+    def values(x: pd.DataFrame) -> np.ndarray:
+        """A new float array of `x`: float64 unless every column is float32 (or 16), as scikit-learn's input
+        check keeps them; pandas' NA as NaN."""
         dtypes = set(x.dtypes)
         (only,) = dtypes if len(dtypes) == 1 else (None,)
         dtype = only if isinstance(only, np.dtype) and only.kind == "f" else np.float64
-        values = x.to_numpy(dtype=dtype, na_value=np.nan, copy=True)  # pandas' NA too
+        return x.to_numpy(dtype=dtype, na_value=np.nan, copy=True)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """`values` (from `values`, changed in place) -> (N, F) float32."""
         missing = np.isnan(values)
         if missing.any():
             np.copyto(values, np.broadcast_to(self.fill, values.shape), where=missing)
@@ -224,15 +233,20 @@ class FeaturePipeline:
         self.check_columns(frame)
         if self.image_column is not None:
             return self.normalise(self.decode_images(frame))
-        if self.contract is not None:
-            check_frame(frame, self.contract)
+        affine = self._affine() if self.image_shape is None else None
+        values = None
+        if affine is not None:  # numeric columns only: one float array for the contract's check and the features
+            with contextlib.suppress(TypeError, ValueError):  # text in a number column: pandera names it below
+                values = affine.values(frame[self.columns])
+        contract = self.contract
+        if contract is not None and (values is None or not clearly_valid_values(frame, contract, values, self.columns)):
+            check_frame(frame, contract)  # pandera's verdict, and its report of what fails
+        if affine is not None and values is not None:
+            return affine.apply(values)
         x = frame[self.columns]
         if self.image_shape is not None:
             pixels = x.to_numpy(dtype=np.float32)
             return ((pixels - self.pixel_mean) / self.pixel_std).astype(np.float32)
-        affine = self._affine()
-        if affine is not None:
-            return affine.transform(x)
         return np.asarray(self.transformer.transform(x), dtype=np.float32)
 
     def _affine(self) -> _NumericAffine | None:
@@ -341,12 +355,13 @@ class Predictor:
         if self.task == "regression":
             return pd.DataFrame({"prediction": self.pipeline.decode_target(out[:, 0].numpy())})
         proba = torch.softmax(out, dim=1).numpy().astype(np.float64)
-        classes = np.asarray(self.pipeline.classes, dtype=object)
+        dtype = _label_dtype(self.pipeline.classes)
+        # typed labels indexed directly: an object array cast to int64 afterwards cost more than the softmax
+        classes = np.asarray(self.pipeline.classes, dtype=object if dtype == "object" else dtype)
         labels = classes[proba.argmax(1)] if len(proba) else classes[:0]
-        result = pd.DataFrame({"prediction": pd.Series(labels, dtype=_label_dtype(self.pipeline.classes))})
-        for i, c in enumerate(self.pipeline.classes or []):
-            result[f"proba_{c}"] = proba[:, i]
-        return result
+        columns: dict[str, Any] = {"prediction": labels if dtype != "object" else pd.Series(labels, dtype=object)}
+        columns.update({f"proba_{c}": proba[:, i] for i, c in enumerate(self.pipeline.classes or [])})
+        return pd.DataFrame(columns, copy=False)
 
 
 def _refuse_non_finite(frame: pd.DataFrame, bad: np.ndarray, columns: list[str], examples: int = 3) -> None:

@@ -102,23 +102,47 @@ def _clearly_valid(frame: pd.DataFrame, schema: Any) -> bool:
     Scoring calls this per batch: most batches are clean, and one (N, F) isnan/isinf beats F pandera
     column validations. Anything else (a category set, a missing column, a failure) goes to pandera,
     which then produces the detailed report."""
-    numeric, nullable = [], []
-    for name, col in schema.columns.items():
-        if name not in frame.columns or (col.metadata or {}).get("kind") != "number" or len(col.checks) != 1:
-            return False
-        if not pd.api.types.is_numeric_dtype(frame[name]):  # text such as '1.5' would convert below
-            return False
-        numeric.append(name)
-        nullable.append(col.nullable)
-    if not numeric:
+    nullable = _numeric_nullable(frame, schema)
+    if nullable is None:
         return False
     try:
-        values = frame[numeric].to_numpy(dtype="float64", na_value=np.nan)
+        values = frame[list(nullable)].to_numpy(dtype="float64", na_value=np.nan)
     except (TypeError, ValueError):
         return False
+    return _finite_where_required(values, list(nullable.values()))
+
+
+def clearly_valid_values(frame: pd.DataFrame, schema: Any, values: np.ndarray, columns: list[str]) -> bool:
+    """`_clearly_valid` on `values`, the float (N, F) array already made of `frame[columns]` (F = `columns`):
+    the same verdict without converting the frame a second time."""
+    nullable = _numeric_nullable(frame, schema)
+    if nullable is None or set(nullable) != set(columns) or values.shape[1:] != (len(columns),):
+        return False
+    return _finite_where_required(values, [nullable[c] for c in columns])
+
+
+def _numeric_nullable(frame: pd.DataFrame, schema: Any) -> dict[str, bool] | None:
+    """Column -> nullable, when every column of `schema` is a number column of `frame` with only the finite
+    check; None otherwise (pandera decides)."""
+    nullable: dict[str, bool] = {}
+    for name, col in schema.columns.items():
+        if name not in frame.columns or (col.metadata or {}).get("kind") != "number" or len(col.checks) != 1:
+            return None
+        if not pd.api.types.is_numeric_dtype(frame[name]):  # text such as '1.5' would convert below
+            return None
+        nullable[name] = bool(col.nullable)
+    return nullable or None
+
+
+def _finite_where_required(values: np.ndarray, nullable: list[bool]) -> bool:
+    """No inf anywhere, no NaN in a column that is not nullable; (N, F) `values`, F = len(nullable)."""
+    finite = np.isfinite(values)
+    if finite.all():  # one pass over the batch, the common case
+        return True
     if np.isinf(values).any():
         return False
-    return not np.isnan(values[:, ~np.asarray(nullable, dtype=bool)]).any()
+    holes = ~finite.all(axis=0)  # (F,) columns with a NaN
+    return not (holes & ~np.asarray(nullable, dtype=bool)).any()
 
 
 def check_frame(frame: pd.DataFrame, schema: Any, source: str = "input") -> None:

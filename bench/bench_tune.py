@@ -154,12 +154,17 @@ def on_dask(config: Path, params: list[str], ours: bool) -> tuple[float, float]:
     make = local_cluster if ours else LocalCluster
     jobs = [(str(config), p) for p in params]
     kw = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
-    with make(**kw, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-        client.run(_one_thread)
-        client.gather(client.map(_fit_once, jobs[:2], pure=False))  # warm both workers
-        start = time.perf_counter()
-        fits = client.gather(client.map(_fit_once, jobs, pure=False))
-        return time.perf_counter() - start, sum(fits)
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    try:
+        with make(**kw, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+            client.run(_one_thread)
+            client.gather(client.map(_fit_once, jobs[:2], pure=False))  # warm both workers
+            start = time.perf_counter()
+            fits = client.gather(client.map(_fit_once, jobs, pure=False))
+            return time.perf_counter() - start, sum(fits)
+    finally:  # a default nanny sets it in this process's environment, which later workers would inherit
+        if before is None:
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from torchcycle.errors import ServiceDown
 from torchcycle.registry import ModelRef, ResolvedModel
 from torchcycle.runtime.drift import DriftCounts, drift_report
 from torchcycle.tables import DEFAULT_BATCH_ROWS, find_inputs
@@ -96,8 +97,12 @@ class _EarlyClient(threading.Thread):
 
     def wait(self) -> None:
         """Until the client is made; raises what making it raised (a scheduler that does not answer: its timeout,
-        once, not again at the first submit)."""
-        self.join()
+        once, not again at the first submit). A scheduler's address that takes the connection and never speaks
+        Dask keeps distributed's Client waiting whatever its timeout: ServiceDown after twice the connect timeout."""
+        address = getattr(self.runner, "address", None)
+        self.join(2 * DASK_CONNECT_TIMEOUT_S if address else None)
+        if self.is_alive():
+            raise ServiceDown(f"the Dask scheduler at {address} does not answer within {2 * DASK_CONNECT_TIMEOUT_S} s")
         if self.error is not None:
             raise self.error
 
@@ -117,7 +122,12 @@ def local_cluster(**kwargs: Any) -> Any:
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set(dask.config.merge(dask.config.config, worker_settings())):
+    ours = worker_settings()
+    merged = dask.config.merge(dask.config.config, ours)
+    theirs = list(dask.config.get("distributed.worker.preload", None) or [])  # kept: merge replaces lists
+    mine = ours["distributed"]["worker"]["preload"]
+    merged["distributed"]["worker"]["preload"] = theirs + [m for m in mine if m not in theirs]
+    with dask.config.set(merged):
         return LocalCluster(**kwargs)
 
 

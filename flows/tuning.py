@@ -111,20 +111,25 @@ def tuning_flow(
     uri, url, name = resolve_tracking_uri(tracking_uri), storage or default_storage(tracking_uri), study
     use_tracking_uri(uri)
     workers = start_workers_early()
-    raw = ingest_task(config.data)
-    validate_task(raw)
-    check_against_task(config, raw.task)
-    metric, direction = objective(config.gate.metric or default_metric(raw.task))
-    key = stage_keys(config.config_hash(), raw.digest, 1)
-    prepared = cached(features_task, key("features"))(
-        cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed), config.features, config.drift
-    )
-    name = name or study_name(config)
-    the_study = open_study(config, name, url, direction, parallel)
-    get_run_logger().info("study %s in %s (resume it with --study %s)", name, safe_url(url), name)
-    parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
-    _take_over(the_study, config, uri, parent)
-    plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
+    try:
+        raw = ingest_task(config.data)
+        validate_task(raw)
+        check_against_task(config, raw.task)
+        metric, direction = objective(config.gate.metric or default_metric(raw.task))
+        key = stage_keys(config.config_hash(), raw.digest, 1)
+        prepared = cached(features_task, key("features"))(
+            cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed), config.features, config.drift
+        )
+        name = name or study_name(config)
+        the_study = open_study(config, name, url, direction, parallel)
+        get_run_logger().info("study %s in %s (resume it with --study %s)", name, safe_url(url), name)
+        parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
+        _take_over(the_study, config, uri, parent)
+        plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
+    except BaseException:  # the cluster the thread is making must land in the runner's stack, to be closed
+        if workers is not None:
+            workers.join()
+        raise
     try:
         if workers is not None:
             workers.wait()

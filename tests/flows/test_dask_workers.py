@@ -54,7 +54,14 @@ def test_local_workers_run_with_torchcycle_settings_not_dasks_defaults() -> None
     assert trim is None  # the nanny no longer sets it (Dask's default: 65536, malloc's adaptive mmap off)
     assert preloaded  # torchcycle.dask_preload imported torch & co. on its thread
 
-    config, trim, preloaded = _seen(LocalCluster, list(wanted), 1)  # a plain cluster: what the settings change
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    try:  # a plain cluster: what the settings change. Its nanny sets the variable in this process's own environ
+        config, trim, preloaded = _seen(LocalCluster, list(wanted), 1)
+    finally:  # ... which every process started later would inherit
+        if before is None:
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = before
     assert all(config[k] != wanted[k] for k in wanted)
     assert trim == "65536" and not preloaded
     assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's own config untouched

@@ -322,6 +322,9 @@ def _start_dask(st: Stack) -> None:
     worker_env = st.proc_env("dask-worker", HOSTNAME="dask-worker-1", DASK_WORKER_MEMORY="2GiB")
     assert worker_env["DASK_CONFIG"].startswith("/app/torchcycle/"), "the image's path of torchcycle's Dask settings"
     worker_env["DASK_CONFIG"] = worker_env["DASK_CONFIG"].replace("/app/", f"{ROOT}/", 1)
+    # a container starts without it; this process may have it from a Dask nanny it ran (nannies set it in their
+    # own process's environment before spawning a worker)
+    worker_env.pop("MALLOC_TRIM_THRESHOLD_", None)
     st.start("dask-worker", worker_cmd, worker_env)
     for service, env in (("dask-scheduler", worker_env), ("dask-worker", worker_env)):
         test = st.services[service]["healthcheck"]["test"]

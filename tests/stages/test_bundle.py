@@ -77,7 +77,7 @@ def test_bundle_refuses_a_pickle_in_place_of_the_weights(tmp_path: Path) -> None
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "Int64", "mixed"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "Int64", "mixed", "float32+int8", "float32+bool"])
 @pytest.mark.parametrize("scale", [True, False])
 def test_numeric_transform_is_scikit_learns_bit_for_bit(dtype: str, scale: bool) -> None:
     """Numeric columns, median-imputed and standardised: the pipeline's numpy transform gives scikit-learn's
@@ -91,6 +91,10 @@ def test_numeric_transform_is_scikit_learns_bit_for_bit(dtype: str, scale: bool)
     if dtype == "mixed":
         frame["b"] = frame["b"].astype("float32")
         frame["c"] = rng.integers(-5, 5, len(frame))
+    elif dtype.startswith("float32+"):  # scikit-learn keeps float32 with these: so must the numpy path
+        frame = frame.astype("float32")
+        small = rng.integers(-5, 5, len(frame))
+        frame["c"] = small.astype("int8") if dtype.endswith("int8") else small > 0
     elif dtype in ("int64", "Int64"):
         frame = frame.round().astype(dtype)
     else:
@@ -137,3 +141,7 @@ def test_numeric_fast_path_refuses_what_the_contract_refuses() -> None:
     text.loc[3, "b"] = "1.5x"
     with pytest.raises(DataError, match=r"'b'"):
         pipe.transform(text)
+    huge = rows.astype({"b": object})
+    huge.loc[4, "b"] = 10**400  # no float holds it
+    with pytest.raises(DataError, match=r"'b'"):
+        pipe.transform(huge)

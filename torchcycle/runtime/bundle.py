@@ -86,11 +86,11 @@ class _NumericAffine:
 
     @staticmethod
     def values(x: pd.DataFrame) -> np.ndarray:
-        """A new float array of `x`: float64 unless every column is float32 (or 16), as scikit-learn's input
-        check keeps them; pandas' NA as NaN."""
-        dtypes = set(x.dtypes)
-        (only,) = dtypes if len(dtypes) == 1 else (None,)
-        dtype = only if isinstance(only, np.dtype) and only.kind == "f" else np.float64
+        """A new float array of `x` in the dtype scikit-learn's input check picks: the columns' common numpy
+        dtype when that is a float (float32 with bool or int8 stays float32), else float64; pandas' NA as NaN."""
+        dtypes = list(x.dtypes)
+        common = np.result_type(*dtypes) if dtypes and all(isinstance(d, np.dtype) for d in dtypes) else None
+        dtype = common if common is not None and common.kind == "f" else np.float64
         return x.to_numpy(dtype=dtype, na_value=np.nan, copy=True)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
@@ -233,10 +233,11 @@ class FeaturePipeline:
         self.check_columns(frame)
         if self.image_column is not None:
             return self.normalise(self.decode_images(frame))
-        affine = self._affine() if self.image_shape is None else None
+        # numeric columns only, under a contract: one float array for the contract's check and the features
+        affine = self._affine() if self.image_shape is None and self.contract is not None else None
         values = None
-        if affine is not None:  # numeric columns only: one float array for the contract's check and the features
-            with contextlib.suppress(TypeError, ValueError):  # text in a number column: pandera names it below
+        if affine is not None:
+            with contextlib.suppress(TypeError, ValueError, OverflowError):  # text, 10**400: pandera names it below
                 values = affine.values(frame[self.columns])
         contract = self.contract
         if contract is not None and (values is None or not clearly_valid_values(frame, contract, values, self.columns)):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -68,28 +70,39 @@ def dask_runner(workers: int = 0, address: str | None = None, torch_threads: int
     )
 
 
-def start_workers_early() -> _EarlyClient | None:
+@contextlib.contextmanager
+def workers_started_early() -> Iterator[_EarlyClient]:
     """The flow's Dask task runner makes its client, and its local cluster, on the first submit. Made now on a
     thread, the workers start and import torch & co. (torchcycle/dask_preload.py) while this process prepares
-    the data. `wait()` for it before the first submit: two makers would start two clusters."""
+    the data. `wait()` for it before the first submit: two makers would start two clusters. Should the body
+    raise first, the thread is joined, so the cluster it makes lands in the runner's exit stack and is closed."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     runner = ctx.task_runner if ctx is not None else None
     task_runners = sys.modules.get("prefect_dask")  # not imported: no Dask task runner can be in use
-    if task_runners is None or not isinstance(runner, task_runners.DaskTaskRunner):
-        return None
-    early = _EarlyClient(runner)
+    early = _EarlyClient(runner if task_runners and isinstance(runner, task_runners.DaskTaskRunner) else None)
     early.start()
-    return early
+    try:
+        yield early
+    except BaseException:
+        if not early.gave_up:
+            early.join(early.limit())
+        raise
 
 
 class _EarlyClient(threading.Thread):
     def __init__(self, runner: Any) -> None:
         super().__init__(name="torchcycle-dask-start", daemon=True)
-        self.runner, self.error = runner, None
+        self.runner, self.error, self.gave_up = runner, None, False  # runner None: no Dask, nothing to make
+
+    def limit(self) -> float | None:
+        """Seconds to wait for the client: bounded for a scheduler's address (see `wait`), not for a local cluster."""
+        return 2 * DASK_CONNECT_TIMEOUT_S if getattr(self.runner, "address", None) else None
 
     def run(self) -> None:
+        if self.runner is None:
+            return
         try:
             _ = self.runner.client  # the property makes it
         except BaseException as err:  # raised by wait(), in the flow's thread
@@ -99,10 +112,10 @@ class _EarlyClient(threading.Thread):
         """Until the client is made; raises what making it raised (a scheduler that does not answer: its timeout,
         once, not again at the first submit). A scheduler's address that takes the connection and never speaks
         Dask keeps distributed's Client waiting whatever its timeout: ServiceDown after twice the connect timeout."""
-        address = getattr(self.runner, "address", None)
-        self.join(2 * DASK_CONNECT_TIMEOUT_S if address else None)
+        self.join(self.limit())
         if self.is_alive():
-            raise ServiceDown(f"the Dask scheduler at {address} does not answer within {2 * DASK_CONNECT_TIMEOUT_S} s")
+            self.gave_up = True
+            raise ServiceDown(f"the Dask scheduler at {self.runner.address} does not answer within {self.limit()} s")
         if self.error is not None:
             raise self.error
 

@@ -22,7 +22,7 @@ from prefect.futures import as_completed
 from torchcycle.cache import cached, stage_keys
 from torchcycle.config import ExperimentConfig, check_against_task, with_params
 from torchcycle.errors import ConfigError
-from torchcycle.flows.scoring import dask_runner, start_workers_early
+from torchcycle.flows.scoring import dask_runner, workers_started_early
 from torchcycle.flows.training import TrainingSummary, Unchanged, training_flow
 from torchcycle.tasks.features import Prepared, features_task
 from torchcycle.tasks.gate import default_metric
@@ -110,8 +110,7 @@ def tuning_flow(
     # storage None: resolved here from $TORCHCYCLE_OPTUNA_STORAGE, so a database password is no flow parameter
     uri, url, name = resolve_tracking_uri(tracking_uri), storage or default_storage(tracking_uri), study
     use_tracking_uri(uri)
-    workers = start_workers_early()
-    try:
+    with workers_started_early() as workers:
         raw = ingest_task(config.data)
         validate_task(raw)
         check_against_task(config, raw.task)
@@ -126,21 +125,16 @@ def tuning_flow(
         parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
         _take_over(the_study, config, uri, parent)
         plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
-    except BaseException:  # the cluster the thread is making must land in the runner's stack, to be closed
-        if workers is not None:
-            workers.join()
-        raise
-    try:
-        if workers is not None:
+        try:
             workers.wait()
-        ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
-        log_study_task(uri, parent, the_study, metric)
-        best = best_trial(the_study)
-        winner = _train_winner(config, best, name, parent, uri) if best is not None else None
-    except BaseException:
-        with contextlib.suppress(Exception):  # the study's own error is the one to report
-            finish_run_task(uri, parent, "FAILED")
-        raise
+            ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)
+            log_study_task(uri, parent, the_study, metric)
+            best = best_trial(the_study)
+            winner = _train_winner(config, best, name, parent, uri) if best is not None else None
+        except BaseException:
+            with contextlib.suppress(Exception):  # the study's own error is the one to report
+                finish_run_task(uri, parent, "FAILED")
+            raise
     finish_run_task(uri, parent)
     summary = TuningSummary(
         name,

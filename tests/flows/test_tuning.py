@@ -207,6 +207,13 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
     assert len(client.search_model_versions("name = 'tune-small'")) == 1
 
 
+def _undo_storage_env(monkeypatch) -> None:
+    """The CLI sets TORCHCYCLE_OPTUNA_STORAGE for its flow; in this process it would outlive the command and
+    become the next in-process command's storage. Recorded here, monkeypatch undoes it at teardown."""
+    monkeypatch.setenv("TORCHCYCLE_OPTUNA_STORAGE", "")
+    monkeypatch.delenv("TORCHCYCLE_OPTUNA_STORAGE")
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -241,6 +248,7 @@ def test_bad_tune_input_is_one_error_line_and_writes_nothing(tmp_path: Path, mon
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TORCHCYCLE_DASK_ADDRESS", raising=False)
+    _undo_storage_env(monkeypatch)
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(_small()))
     result = CliRunner().invoke(app, ["tune", "--config", "tune.yaml", *args])
     assert result.exit_code == 2, result.output
@@ -275,11 +283,14 @@ def test_a_dask_address_that_never_speaks_dask_is_exit_3(tmp_path: Path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(_small()))
+    _undo_storage_env(monkeypatch)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # it takes the connection (the CLI's own quick check passes) and never says a word of Dask's protocol
     with socket.create_server(("127.0.0.1", 0)) as silent:
         address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        result = CliRunner().invoke(app, ["tune", "--config", "tune.yaml", "--trials", "2", "--dask", address])
+        args = ["tune", "--config", "tune.yaml", "--trials", "2", "--dask", address, "--storage", storage]
+        result = CliRunner().invoke(app, args)
         seconds = time.monotonic() - start
     assert result.exit_code == 3, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -149,7 +149,7 @@ def starting_temporary_api() -> Iterator[Callable[[], str]]:
         if os.environ.get("PREFECT_API_URL") == server.api_url:  # called before
             return server.api_url
         os.environ["PREFECT_API_URL"] = server.api_url  # the workers are spawned from this environment
-        settings.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        settings.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url, **no_heartbeats()}))
         return server.api_url
 
     try:
@@ -164,6 +164,19 @@ def starting_temporary_api() -> Iterator[Callable[[], str]]:
         if server.running:
             _drain_to(server)
             server.stop()
+
+
+def no_heartbeats() -> dict[str, None]:
+    """Settings that turn off flow-run heartbeats, unless the user set their frequency.
+
+    Heartbeats let a long-lived server mark a silent run as crashed. A temporary API stops with the command
+    that started it, so nothing can watch them there. They still cost time: Prefect's heartbeat thread sleeps in
+    1 s steps and every flow run, subflows included, joins it at its end (0-1 s a run, `bench/bench_flow.py`)."""
+    from prefect.settings import get_current_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+        return {}
+    return {"flows.heartbeat_frequency": None}
 
 
 def _drain_to(server: object) -> None:

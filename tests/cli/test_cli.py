@@ -109,3 +109,47 @@ def test_sigterm_stops_the_temporary_prefect_server_too(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+HEARTBEATS = """
+import json
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.settings import temporary_settings
+from torchcycle.local_server import starting_temporary_api
+
+@flow
+def quick() -> str:
+    return flow_run.id
+
+with starting_temporary_api() as ready:  # what a command without PREFECT_API_URL runs its flows on
+    ready()
+    default = quick()
+    with temporary_settings(updates={"flows.heartbeat_frequency": 30}):  # as PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+        chosen = quick()
+print(json.dumps({"default": default, "chosen": chosen}))
+"""
+
+
+def test_flows_on_the_temporary_api_send_no_heartbeats_unless_asked(tmp_path: Path) -> None:
+    """Nothing outlives a temporary API to watch heartbeats, and Prefect's heartbeat thread costs each flow run up
+    to 1 s at its end (bench/bench_flow.py). A frequency the user sets is kept: that run sends one."""
+    import sqlite3
+
+    from prefect.settings import temporary_settings
+
+    from torchcycle.local_server import no_heartbeats
+
+    assert no_heartbeats() == {"flows.heartbeat_frequency": None}
+    with temporary_settings(updates={"flows.heartbeat_frequency": 60}):
+        assert no_heartbeats() == {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_FLOWS", "PREFECT_RUNNER"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    done = subprocess.run([sys.executable, "-c", HEARTBEATS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        beats = {r for (r,) in db.execute("SELECT resource_id FROM events WHERE event = 'prefect.flow-run.heartbeat'")}
+        ended = {r for (r,) in db.execute("SELECT resource_id FROM events WHERE event = 'prefect.flow-run.Completed'")}
+    assert {f"prefect.flow-run.{runs['default']}", f"prefect.flow-run.{runs['chosen']}"} <= ended  # events were kept
+    assert beats == {f"prefect.flow-run.{runs['chosen']}"}

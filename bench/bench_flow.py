@@ -11,13 +11,17 @@ off (`--no-cache`), so every run trains. In rounds that alternate, so all see th
 (S)  a fresh process that imports the stages and calls them bare, once: what a script doing the same work costs.
 Before the rounds, (E1): the first command in a new folder (the MLflow and Prefect databases are created).
 
-Then one process measures, after its imports (see CHILD):
-(F) `training_flow(cfg, cache=False)` with Prefect's API and the MLflow store up: the flow, its tasks, their tracking;
-(B) the same stage functions called bare (plain functions, no Prefect), in the flow's order, on the same store;
-    alternated with (F); and what the start-up is made of.
+Then one process measures, after its imports (see CHILD), on Prefect's temporary API as `torchcycle train` starts
+it (`torchcycle.local_server.starting_temporary_api`), in alternated rounds:
+(F)  `training_flow(cfg, cache=False)`: the flow, its tasks, their tracking;
+(Fh) the same with Prefect's default flow-run heartbeats (every 180 s), as a flow run against a running server has
+     them: Prefect joins its heartbeat thread, which sleeps in 1 s steps, at the end of every flow run;
+(B)  the same stage functions called bare (plain functions, no Prefect), in the flow's order, on the same store;
+(0)  an empty flow run, with and without heartbeats: what a flow run costs by itself;
+and the CPU seconds Prefect's server spends recording each (F) (its task runs' events and logs).
 
-Prints the best of --repeats (E, S) and --flow-repeats (F, B) of each, the ratio F/B (goal <= 1.25), the median
-of the paired differences F - B, and the fixed start-up E - F.
+Prints the best of --repeats (E, S) and --flow-repeats (F, Fh, B) of each, the ratio F/B (goal <= 1.25), the
+median of the paired differences F - B, and the fixed start-up E - F.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ from torchcycle.config import load_config
 from torchcycle.flows.training import training_flow
 from torchcycle.tracking import use_tracking_uri, resolve_tracking_uri
 sys.path.insert(0, sys.argv[2])
-from bench_flow import bare_stages
+from bench_flow import bare_stages, cpu_seconds, empty_flow
 out = {"imports": time.perf_counter() - t0}
 cfg = load_config(sys.argv[1], [])
 uri = resolve_tracking_uri()
@@ -99,29 +103,52 @@ use_tracking_uri(uri)
 MlflowClient(uri).search_experiments(max_results=1)
 out["store"] = time.perf_counter() - t
 
-from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
+from torchcycle.local_server import starting_temporary_api
 t = time.perf_counter()
-server = SubprocessASGIServer()
-server.start(timeout=180)
-out["server"] = time.perf_counter() - t
-with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow on without PREFECT_API_URL
+    ready()
+    out["server"] = time.perf_counter() - t
     # the first flow run of a process pays for Prefect's client, its event and log workers
     t = time.perf_counter(); training_flow(cfg, cache=False); out["flow_first"] = time.perf_counter() - t
-    flows, bares = [], []
-    for _ in range(int(sys.argv[3])):  # alternate, so both see the same load
-        t = time.perf_counter(); training_flow(cfg, cache=False); flows.append(time.perf_counter() - t)
-        t = time.perf_counter(); bare_stages(cfg, uri); bares.append(time.perf_counter() - t)
-    out["flow"], out["bare"] = flows, bares
-    from prefect.logging.handlers import APILogWorker
-    from prefect.events.worker import EventsWorker
+    # Prefect's default heartbeats, as a flow run against a running server has them
+    def beating():
+        return temporary_settings(updates={"flows.heartbeat_frequency": 180})
+    runs = {"flow": [], "flow_hb": [], "bare": [], "server_cpu": [], "empty": [], "empty_hb": []}
+    for _ in range(int(sys.argv[3])):  # alternate, so all see the same load
+        c = cpu_seconds()
+        t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow"].append(time.perf_counter() - t)
+        runs["server_cpu"].append(cpu_seconds() - c)
+        with beating():
+            t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow_hb"].append(time.perf_counter() - t)
+        t = time.perf_counter(); bare_stages(cfg, uri); runs["bare"].append(time.perf_counter() - t)
+        t = time.perf_counter(); empty_flow(); runs["empty"].append(time.perf_counter() - t)
+        with beating():
+            t = time.perf_counter(); empty_flow(); runs["empty_hb"].append(time.perf_counter() - t)
+    out.update(runs)
     t = time.perf_counter()
-    for service in (APILogWorker, EventsWorker):
-        service.drain_all(timeout=30)
-    out["drain"] = time.perf_counter() - t
-t = time.perf_counter(); server.stop(); out["server_stop"] = time.perf_counter() - t
+out["server_stop"] = time.perf_counter() - t  # with the drain of logs and events
 print(json.dumps(out))
 """
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process's children: Prefect's temporary API server."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    return sum(sum(k.cpu_times()[:2]) for k in kids)
+
+
+def empty_flow() -> None:
+    """A flow run with nothing in it: what each flow run costs by itself."""
+    from prefect import flow
+
+    @flow(name="bench-empty")
+    def empty() -> None:
+        return None
+
+    empty()
 
 
 def bare_stages(cfg, uri: str) -> None:
@@ -206,11 +233,30 @@ def run_child(work: Path, config: Path, repeats: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def run_commands(work: Path, config: Path, repeats: int) -> tuple[float, float, float, float]:
+    """E1 once, then `repeats` alternated rounds of E2, E3 and S: (E1, best E2, best E3, best S)."""
+    e1 = run_cli(work, config)
+    print(f"(E1) torchcycle train, new folder: {e1:.2f} s", flush=True)
+    server, url = start_server(work / "prefect-server")  # bench_tune's: `prefect server start`
+    e2, e3, cold = [], [], []
+    try:
+        for r in range(repeats):
+            e2.append(run_cli(work, config))
+            e3.append(run_cli(work, config, url))
+            cold.append(run_script(work, config))
+            print(f"  round {r + 1}: E2 {e2[-1]:.2f} s, E3 {e3[-1]:.2f} s, S {cold[-1]:.2f} s", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return e1, min(e2), min(e3), min(cold)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "digits_mlp.yaml")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of E2, E3 and S")
-    ap.add_argument("--flow-repeats", type=int, default=5, help="pairs of F and B")
+    ap.add_argument("--flow-repeats", type=int, default=5, help="rounds of F, Fh and B")
+    ap.add_argument("--flow-only", action="store_true", help="only the warm-process rows (F, Fh, B), not E and S")
     args = ap.parse_args()
     config = args.config.resolve()
     import mlflow
@@ -221,40 +267,42 @@ def main() -> None:
     print(f"{versions}, {os.cpu_count()} cores; {config.name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-flow-") as tmp:
         work = Path(tmp)
-        e1 = run_cli(work, config)
-        print(f"(E1) torchcycle train, new folder: {e1:.2f} s", flush=True)
-        server, url = start_server(work / "prefect-server")  # bench_tune's: `prefect server start`
-        e2, e3, cold = [], [], []
-        try:
-            for r in range(args.repeats):
-                e2.append(run_cli(work, config))
-                e3.append(run_cli(work, config, url))
-                cold.append(run_script(work, config))
-                print(f"  round {r + 1}: E2 {e2[-1]:.2f} s, E3 {e3[-1]:.2f} s, S {cold[-1]:.2f} s", flush=True)
-        finally:
-            server.terminate()
-            server.wait(30)
+        commands = None if args.flow_only else run_commands(work, config, args.repeats)
         p = run_child(work, config, args.flow_repeats)
-    f, b = min(p["flow"]), min(p["bare"])
+    f, fh, b = min(p["flow"]), min(p["flow_hb"]), min(p["bare"])
     # each F and the B after it saw about the same load: their differences are the overhead, less noisy
     paired = statistics.median(x - y for x, y in zip(p["flow"], p["bare"], strict=True))
-    best2, best3, script = min(e2), min(e3), min(cold)
-    print(f"\nF: {', '.join(f'{x:.2f}' for x in p['flow'])}\nB: {', '.join(f'{x:.2f}' for x in p['bare'])}")
-    print(f"\n| {config.name}, best of {args.repeats} | seconds | minus F |")
+    paired_hb = statistics.median(x - y for x, y in zip(p["flow_hb"], p["bare"], strict=True))
+    n = args.flow_repeats
+    for key, label in (("flow", "F"), ("flow_hb", "Fh"), ("bare", "B")):
+        print(f"{label}: {', '.join(f'{x:.2f}' for x in p[key])}")
+    print(f"\n| {config.name}, best of {args.repeats} (E, S) and of {n} (F, Fh, B) | seconds | minus F |")
     print("|---|---|---|")
-    print(f"| (E1) `torchcycle train`, the first in a new folder | {e1:.2f} | {e1 - f:.2f} |")
-    print(f"| (E2) `torchcycle train` (starts Prefect's temporary server) | {best2:.2f} | {best2 - f:.2f} |")
-    print(f"| (E3) `torchcycle train`, PREFECT_API_URL names a running server | {best3:.2f} | {best3 - f:.2f} |")
-    print(f"| (S) a script calling the same stages bare, fresh process | {script:.2f} | {script - b:.2f} (minus B) |")
-    print(f"| (F) the training flow, warm process | {f:.2f} | |")
+    if commands:
+        e1, best2, best3, script = commands
+        print(f"| (E1) `torchcycle train`, the first in a new folder | {e1:.2f} | {e1 - f:.2f} |")
+        print(f"| (E2) `torchcycle train` (starts Prefect's temporary server) | {best2:.2f} | {best2 - f:.2f} |")
+        e3_row = "(E3) `torchcycle train`, PREFECT_API_URL names a running server"
+        print(f"| {e3_row} | {best3:.2f} | {best3 - fh:.2f} (minus Fh) |")
+        s_row = "(S) a script calling the same stages bare, fresh process"
+        print(f"| {s_row} | {script:.2f} | {script - b:.2f} (minus B) |")
+    print(f"| (F) the training flow, warm process, temporary API | {f:.2f} | |")
+    print(f"| (Fh) the same with Prefect's default heartbeats | {fh:.2f} | |")
     print(f"| (B) the same stages bare, warm process | {b:.2f} | |")
-    print(f"| **ratio F/B** (best of {args.flow_repeats} each) | **{f / b:.2f}** (goal <= {GOAL}) | |")
-    print(f"| F - B, median of the {args.flow_repeats} alternated pairs | {paired:.2f} | |")
-    print(f"\nfirst flow run in a process, over F: {p['flow_first'] - f:.2f} s (lazy imports, first model logged)")
+    print(f"| **ratio F/B** | **{f / b:.2f}** (goal <= {GOAL}) | |")
+    print(f"| ratio Fh/B | {fh / b:.2f} | |")
+    print(f"| F - B, median of the {n} alternated pairs | {paired:.2f} | |")
+    print(f"| Fh - B, median of the {n} alternated pairs | {paired_hb:.2f} | |")
+    empty, empty_hb = statistics.median(p["empty"]), statistics.median(p["empty_hb"])
+    print(f"\nan empty flow run (median of {n}): {empty:.2f} s; with heartbeats {empty_hb:.2f} s")
+    print(f"Prefect's server CPU while (F) ran (median): {statistics.median(p['server_cpu']):.2f} s")
+    print(f"first flow run in a process, over F: {p['flow_first'] - f:.2f} s (lazy imports, first model logged)")
     print(f"imports {p['imports']:.2f} s")
-    print(f"Prefect's temporary server: start {p['server']:.2f} s, stop {p['server_stop']:.2f} s")
-    print(f"MLflow store open {p['store']:.2f} s; log/event drain {p['drain']:.2f} s")
-    print(f"E3 - S = {best3 - script:.2f} s: what the orchestration adds to a fresh script, server already running")
+    print(f"Prefect's temporary server: start {p['server']:.2f} s, stop {p['server_stop']:.2f} s (drain included)")
+    print(f"MLflow store open {p['store']:.2f} s")
+    if commands:
+        e3_s = commands[2] - commands[3]
+        print(f"E3 - S = {e3_s:.2f} s: what the orchestration adds to a fresh script, server already running")
 
 
 if __name__ == "__main__":

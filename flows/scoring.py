@@ -220,7 +220,9 @@ def _score_units(
 ) -> ScoreResult:
     """Map score_unit_task over the work units (on the flow's task runner), then commit what is whole."""
     start = time.perf_counter()
-    units, skipped = pending_units(inputs, output, model, unit_rows, batch_rows)
+    with workers_started_early() as workers:  # the client: made on a thread, so a silent scheduler is bounded
+        units, skipped = pending_units(inputs, output, model, unit_rows, batch_rows)
+        workers.wait()
     _wait_for_a_worker()
     staging = staging_dir(output)
     remove_stale_parts(output)

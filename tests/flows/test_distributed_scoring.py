@@ -356,6 +356,29 @@ def test_cli_dask_options_refused_in_one_line(registered: dict, tmp_path: Path, 
     shutil.rmtree(tmp_path / "in.parquet", ignore_errors=True)
 
 
+def test_a_dask_address_that_never_speaks_dask_is_exit_3_for_predict(registered: dict, tmp_path: Path) -> None:
+    """An address that takes the connection and never speaks Dask: distributed's Client would wait for ever;
+    `predict --dask` gives one error line, exit 3, in bounded time, and writes nothing."""
+    import socket
+
+    from torchcycle.flows.scoring import DASK_CONNECT_TIMEOUT_S
+
+    src = _parquet(_rows(10, 1), tmp_path / "in.parquet", 10)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        out = tmp_path / "out.parquet"
+        cmd = [str(BIN / "torchcycle"), "predict", "-m", NAME, "-i", str(src), "-o", str(out), "--dask", address]
+        start = time.monotonic()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - start
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"{address} does not answer" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
+    assert seconds < 2 * DASK_CONNECT_TIMEOUT_S + 90, seconds  # the wait, plus the command's start-up
+
+
 def test_the_score_deployment_carries_the_dask_scheduler(tmp_path: Path) -> None:
     from torchcycle.flows.deployments import default_specs
 

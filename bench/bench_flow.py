@@ -17,7 +17,8 @@ it (`torchcycle.local_server.starting_temporary_api`), in alternated rounds:
 (Fh) the same with Prefect's default flow-run heartbeats (every 180 s), as a flow run against a running server has
      them: Prefect joins its heartbeat thread, which sleeps in 1 s steps, at the end of every flow run;
 (B)  the same stage functions called bare (plain functions, no Prefect), in the flow's order, on the same store;
-(0)  an empty flow run, with and without heartbeats: what a flow run costs by itself;
+(0)  an empty flow run, with and without heartbeats, and one of as many no-op task runs as (F) has: what a flow
+     run and its task runs cost by themselves;
 and the CPU seconds Prefect's server spends recording each (F) (its task runs' events and logs).
 
 Prints the best of --repeats (E, S) and --flow-repeats (F, Fh, B) of each, the ratio F/B (goal <= 1.25), the
@@ -93,7 +94,7 @@ from torchcycle.config import load_config
 from torchcycle.flows.training import training_flow
 from torchcycle.tracking import use_tracking_uri, resolve_tracking_uri
 sys.path.insert(0, sys.argv[2])
-from bench_flow import bare_stages, cpu_seconds, empty_flow
+from bench_flow import TASK_RUNS, bare_stages, cpu_seconds, empty_flow
 out = {"imports": time.perf_counter() - t0}
 cfg = load_config(sys.argv[1], [])
 uri = resolve_tracking_uri()
@@ -114,7 +115,7 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
     # Prefect's default heartbeats, as a flow run against a running server has them
     def beating():
         return temporary_settings(updates={"flows.heartbeat_frequency": 180})
-    runs = {"flow": [], "flow_hb": [], "bare": [], "server_cpu": [], "empty": [], "empty_hb": []}
+    runs = {k: [] for k in ("flow", "flow_hb", "bare", "server_cpu", "empty", "empty_hb", "tasks", "tasks_cpu")}
     for _ in range(int(sys.argv[3])):  # alternate, so all see the same load
         c = cpu_seconds()
         t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow"].append(time.perf_counter() - t)
@@ -125,6 +126,9 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
         t = time.perf_counter(); empty_flow(); runs["empty"].append(time.perf_counter() - t)
         with beating():
             t = time.perf_counter(); empty_flow(); runs["empty_hb"].append(time.perf_counter() - t)
+        c = cpu_seconds()
+        t = time.perf_counter(); empty_flow(TASK_RUNS); runs["tasks"].append(time.perf_counter() - t)
+        runs["tasks_cpu"].append(cpu_seconds() - c)
     out.update(runs)
     t = time.perf_counter()
 out["server_stop"] = time.perf_counter() - t  # with the drain of logs and events
@@ -140,13 +144,22 @@ def cpu_seconds() -> float:
     return sum(sum(k.cpu_times()[:2]) for k in kids)
 
 
-def empty_flow() -> None:
-    """A flow run with nothing in it: what each flow run costs by itself."""
-    from prefect import flow
+TASK_RUNS = 14  # in one training_flow of digits_mlp, ingest to finish-mlflow-run (the Prefect UI lists them)
+
+
+def empty_flow(tasks: int = 0) -> None:
+    """A flow run of `tasks` no-op task runs: what a flow run and its task runs cost by themselves."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name="bench-noop", cache_policy=NO_CACHE, persist_result=False)
+    def noop(i: int) -> int:
+        return i
 
     @flow(name="bench-empty")
     def empty() -> None:
-        return None
+        for i in range(tasks):
+            noop(i)
 
     empty()
 
@@ -295,6 +308,8 @@ def main() -> None:
     print(f"| Fh - B, median of the {n} alternated pairs | {paired_hb:.2f} | |")
     empty, empty_hb = statistics.median(p["empty"]), statistics.median(p["empty_hb"])
     print(f"\nan empty flow run (median of {n}): {empty:.2f} s; with heartbeats {empty_hb:.2f} s")
+    tasks, tasks_cpu = statistics.median(p["tasks"]), statistics.median(p["tasks_cpu"])
+    print(f"a flow run of {TASK_RUNS} no-op task runs: {tasks:.2f} s, and {tasks_cpu:.2f} s of the server's CPU")
     print(f"Prefect's server CPU while (F) ran (median): {statistics.median(p['server_cpu']):.2f} s")
     print(f"first flow run in a process, over F: {p['flow_first'] - f:.2f} s (lazy imports, first model logged)")
     print(f"imports {p['imports']:.2f} s")

@@ -94,7 +94,7 @@ from torchcycle.config import load_config
 from torchcycle.flows.training import training_flow
 from torchcycle.tracking import use_tracking_uri, resolve_tracking_uri
 sys.path.insert(0, sys.argv[2])
-from bench_flow import TASK_RUNS, bare_stages, cpu_seconds, empty_flow
+from bench_flow import TASK_RUNS, bare_stages, cpu_seconds, empty_flow, settle
 out = {"imports": time.perf_counter() - t0}
 cfg = load_config(sys.argv[1], [])
 uri = resolve_tracking_uri()
@@ -116,17 +116,21 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
     def beating():
         return temporary_settings(updates={"flows.heartbeat_frequency": 180})
     runs = {k: [] for k in ("flow", "flow_hb", "bare", "server_cpu", "empty", "empty_hb", "tasks", "tasks_cpu")}
-    for _ in range(int(sys.argv[3])):  # alternate, so all see the same load
-        c = cpu_seconds()
+    for _ in range(int(sys.argv[3])):  # alternate, so all see the same load; each on a quiet server
+        settle(); c = cpu_seconds()
         t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow"].append(time.perf_counter() - t)
         runs["server_cpu"].append(cpu_seconds() - c)
+        settle()
         with beating():
             t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow_hb"].append(time.perf_counter() - t)
+        settle()
         t = time.perf_counter(); bare_stages(cfg, uri); runs["bare"].append(time.perf_counter() - t)
+        settle()
         t = time.perf_counter(); empty_flow(); runs["empty"].append(time.perf_counter() - t)
+        settle()
         with beating():
             t = time.perf_counter(); empty_flow(); runs["empty_hb"].append(time.perf_counter() - t)
-        c = cpu_seconds()
+        settle(); c = cpu_seconds()
         t = time.perf_counter(); empty_flow(TASK_RUNS); runs["tasks"].append(time.perf_counter() - t)
         runs["tasks_cpu"].append(cpu_seconds() - c)
     out.update(runs)
@@ -134,6 +138,18 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
 out["server_stop"] = time.perf_counter() - t  # with the drain of logs and events
 print(json.dumps(out))
 """
+
+
+def settle(limit_s: float = 10.0) -> None:
+    """Wait until Prefect's server is idle (under 20 ms of CPU in 250 ms), so each measurement starts as a command
+    does, on a quiet server. A flow run created while the server still writes the last one's events can be
+    answered 503 "database is locked" (its SQLite), and Prefect's client then retries after 2 s."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = cpu_seconds()
+        time.sleep(0.25)
+        if cpu_seconds() - before < 0.02:
+            return
 
 
 def cpu_seconds() -> float:

@@ -1,6 +1,6 @@
 """Orchestration overhead: one `torchcycle train` end to end against the same stages called bare.
 
-    python bench/bench_flow.py [--config configs/digits_mlp.yaml] [--repeats 3]
+    python bench/bench_flow.py [--config configs/digits_mlp.yaml] [--repeats 3] [--flow-repeats 5] [--flow-only]
 
 Everything runs in a temporary folder (its own MLflow store, Prefect home and stage cache), with the stage cache
 off (`--no-cache`), so every run trains. In rounds that alternate, so all see the same machine load:
@@ -19,7 +19,7 @@ it (`torchcycle.local_server.starting_temporary_api`), in alternated rounds:
 (B)  the same stage functions called bare (plain functions, no Prefect), in the flow's order, on the same store;
 (0)  an empty flow run, with and without heartbeats, and one of as many no-op task runs as (F) has: what a flow
      run and its task runs cost by themselves;
-and the CPU seconds Prefect's server spends recording each (F) (its task runs' events and logs).
+and the CPU seconds Prefect's server spends on each (F), during and after it (its flow run, task runs, logs).
 
 Prints the best of --repeats (E, S) and --flow-repeats (F, Fh, B) of each, the ratio F/B (goal <= 1.25), the
 median of the paired differences F - B, and the fixed start-up E - F.
@@ -119,8 +119,7 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
     for _ in range(int(sys.argv[3])):  # alternate, so all see the same load; each on a quiet server
         settle(); c = cpu_seconds()
         t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow"].append(time.perf_counter() - t)
-        runs["server_cpu"].append(cpu_seconds() - c)
-        settle()
+        settle(); runs["server_cpu"].append(cpu_seconds() - c)  # all the server does for (F), also after it
         with beating():
             t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow_hb"].append(time.perf_counter() - t)
         settle()
@@ -132,7 +131,7 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
             t = time.perf_counter(); empty_flow(); runs["empty_hb"].append(time.perf_counter() - t)
         settle(); c = cpu_seconds()
         t = time.perf_counter(); empty_flow(TASK_RUNS); runs["tasks"].append(time.perf_counter() - t)
-        runs["tasks_cpu"].append(cpu_seconds() - c)
+        settle(); runs["tasks_cpu"].append(cpu_seconds() - c)
     out.update(runs)
     t = time.perf_counter()
 out["server_stop"] = time.perf_counter() - t  # with the drain of logs and events
@@ -141,9 +140,15 @@ print(json.dumps(out))
 
 
 def settle(limit_s: float = 10.0) -> None:
-    """Wait until Prefect's server is idle (under 20 ms of CPU in 250 ms), so each measurement starts as a command
-    does, on a quiet server. A flow run created while the server still writes the last one's events can be
-    answered 503 "database is locked" (its SQLite), and Prefect's client then retries after 2 s."""
+    """Send the queued logs and events, then wait until Prefect's server is idle (under 20 ms of CPU in 250 ms), so
+    each measurement starts as a command does, on a quiet server. A flow run created while the server still
+    writes the last one's events can be answered 503 "database is locked" (its SQLite), and Prefect's client then
+    retries after 2 s."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=10)
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         before = cpu_seconds()
@@ -153,11 +158,16 @@ def settle(limit_s: float = 10.0) -> None:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds used so far by this process's children: Prefect's temporary API server."""
+    """CPU seconds used so far by this process's children: Prefect's temporary API server (the only child)."""
     import psutil
 
-    kids = psutil.Process().children(recursive=True)
-    return sum(sum(k.cpu_times()[:2]) for k in kids)
+    total = 0.0
+    for kid in psutil.Process().children(recursive=True):
+        try:
+            total += sum(kid.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 TASK_RUNS = 14  # in one training_flow of digits_mlp, ingest to finish-mlflow-run (the Prefect UI lists them)
@@ -299,7 +309,7 @@ def main() -> None:
         commands = None if args.flow_only else run_commands(work, config, args.repeats)
         p = run_child(work, config, args.flow_repeats)
     f, fh, b = min(p["flow"]), min(p["flow_hb"]), min(p["bare"])
-    # each F and the B after it saw about the same load: their differences are the overhead, less noisy
+    # each F and the B of its round saw about the same load: their differences are the overhead, less noisy
     paired = statistics.median(x - y for x, y in zip(p["flow"], p["bare"], strict=True))
     paired_hb = statistics.median(x - y for x, y in zip(p["flow_hb"], p["bare"], strict=True))
     n = args.flow_repeats
@@ -326,14 +336,15 @@ def main() -> None:
     print(f"\nan empty flow run (median of {n}): {empty:.2f} s; with heartbeats {empty_hb:.2f} s")
     tasks, tasks_cpu = statistics.median(p["tasks"]), statistics.median(p["tasks_cpu"])
     print(f"a flow run of {TASK_RUNS} no-op task runs: {tasks:.2f} s, and {tasks_cpu:.2f} s of the server's CPU")
-    print(f"Prefect's server CPU while (F) ran (median): {statistics.median(p['server_cpu']):.2f} s")
+    server_cpu = statistics.median(p["server_cpu"])
+    print(f"Prefect's server CPU for each (F), during and after it (median): {server_cpu:.2f} s")
     print(f"first flow run in a process, over F: {p['flow_first'] - f:.2f} s (lazy imports, first model logged)")
     print(f"imports {p['imports']:.2f} s")
     print(f"Prefect's temporary server: start {p['server']:.2f} s, stop {p['server_stop']:.2f} s (drain included)")
     print(f"MLflow store open {p['store']:.2f} s")
     if commands:
         e3_s = commands[2] - commands[3]
-        print(f"E3 - S = {e3_s:.2f} s: what the orchestration adds to a fresh script, server already running")
+        print(f"E3 - S = {e3_s:.2f} s: a command against a running server, over a fresh script doing the same")
 
 
 if __name__ == "__main__":

@@ -327,7 +327,7 @@ def tune(
         _quiet_dask_logs()
     with stack:
         # a remote cluster's workers report to their own API; local ones (parallel > 1) to this one
-        api_ready = (lambda: None) if dask else _prefect_api(stack)
+        api_ready = _prefect_api(stack, start=not dask)
         from torchcycle.flows.tuning import tune_study
 
         _quiet_console_tracebacks()
@@ -461,7 +461,7 @@ def predict(
         _check_dask_answers(dask)
     with contextlib.ExitStack() as stack:
         # a remote cluster's workers report to their own API; local ones (--workers) to this one
-        api_ready = (lambda: None) if dask else _prefect_api(stack)
+        api_ready = _prefect_api(stack, start=not dask)
         from torchcycle.flows.scoring import score_files
 
         _quiet_console_tracebacks()
@@ -505,17 +505,21 @@ def predict(
 DASK_ENV = "TORCHCYCLE_DASK_ADDRESS"
 
 
-def _prefect_api(stack: contextlib.ExitStack) -> Callable[[], object]:
+def _prefect_api(stack: contextlib.ExitStack, start: bool = True) -> Callable[[], object]:
     """Without PREFECT_API_URL: Prefect's temporary API, started now in the background, so its start-up overlaps
     the imports that follow, and named in the environment local Dask workers are spawned from (they report to
     the API this flow uses). Call the returned function before the first flow run. With PREFECT_API_URL (a
-    running server): nothing to start."""
+    running server): nothing to start. `start` False (a remote Dask cluster, whose workers report to their own
+    API): left to Prefect, which starts its temporary API at the first flow run."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return lambda: None
-    from torchcycle.local_server import starting_temporary_api
+    from torchcycle.local_server import no_heartbeats_on_a_temporary_api, starting_temporary_api
 
+    if not start:
+        stack.enter_context(no_heartbeats_on_a_temporary_api())
+        return lambda: None
     return stack.enter_context(starting_temporary_api())
 
 

@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
             import typer
 
             from torchcycle.cli import run_training
+            from torchcycle.local_server import no_heartbeats_on_a_temporary_api
 
             try:
-                run_training(cfg, as_json="--json" in args, cache="--no-cache" not in args)
+                with no_heartbeats_on_a_temporary_api():
+                    run_training(cfg, as_json="--json" in args, cache="--no-cache" not in args)
             except typer.Exit as done:  # the CLI's clean exit (code 2 on bad input) outside Typer's runner
                 sys.exit(done.exit_code)
         else:

@@ -169,14 +169,28 @@ def starting_temporary_api() -> Iterator[Callable[[], str]]:
 def no_heartbeats() -> dict[str, None]:
     """Settings that turn off flow-run heartbeats, unless the user set their frequency.
 
-    Heartbeats let a long-lived server mark a silent run as crashed. A temporary API stops with the command
-    that started it, so nothing can watch them there. They still cost time: Prefect's heartbeat thread sleeps in
-    1 s steps and every flow run, subflows included, joins it at its end (0-1 s a run, `bench/bench_flow.py`)."""
+    On a long-lived server, an automation can use heartbeats to mark a silent run as crashed. A temporary API
+    stops with the command that started it, so nothing can watch them there. They still cost time: Prefect's
+    heartbeat thread sleeps in 1 s steps and every (sync) flow run, subflows included, joins it at its end
+    (0-1 s a run, `bench/bench_flow.py`)."""
     from prefect.settings import get_current_settings
 
     if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY
         return {}
     return {"flows.heartbeat_frequency": None}
+
+
+@contextlib.contextmanager
+def no_heartbeats_on_a_temporary_api() -> Iterator[None]:
+    """For flows left to Prefect's own temporary API (no PREFECT_API_URL; the command did not start one with
+    `starting_temporary_api`): no heartbeats either, for the same reason (see `no_heartbeats`)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates=no_heartbeats()):
+        yield
 
 
 def _drain_to(server: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -112,7 +113,7 @@ def test_sigterm_stops_the_temporary_prefect_server_too(tmp_path: Path) -> None:
 
 
 HEARTBEATS = """
-import json
+import json, time
 from prefect import flow
 from prefect.runtime import flow_run
 from prefect.settings import temporary_settings
@@ -120,6 +121,7 @@ from torchcycle.local_server import starting_temporary_api
 
 @flow
 def quick() -> str:
+    time.sleep(0.5)  # a heartbeat thread that is on sends its first beat before the run ends
     return flow_run.id
 
 with starting_temporary_api() as ready:  # what a command without PREFECT_API_URL runs its flows on
@@ -131,25 +133,49 @@ print(json.dumps({"default": default, "chosen": chosen}))
 """
 
 
+def _no_heartbeat_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_FLOWS", "PREFECT_RUNNER"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    return env
+
+
 def test_flows_on_the_temporary_api_send_no_heartbeats_unless_asked(tmp_path: Path) -> None:
     """Nothing outlives a temporary API to watch heartbeats, and Prefect's heartbeat thread costs each flow run up
     to 1 s at its end (bench/bench_flow.py). A frequency the user sets is kept: that run sends one."""
     import sqlite3
 
-    from prefect.settings import temporary_settings
-
-    from torchcycle.local_server import no_heartbeats
-
-    assert no_heartbeats() == {"flows.heartbeat_frequency": None}
-    with temporary_settings(updates={"flows.heartbeat_frequency": 60}):
-        assert no_heartbeats() == {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_FLOWS", "PREFECT_RUNNER"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    env = _no_heartbeat_env(tmp_path)
     done = subprocess.run([sys.executable, "-c", HEARTBEATS], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(done.stdout.strip().splitlines()[-1])
-    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db:
         beats = {r for (r,) in db.execute("SELECT resource_id FROM events WHERE event = 'prefect.flow-run.heartbeat'")}
         ended = {r for (r,) in db.execute("SELECT resource_id FROM events WHERE event = 'prefect.flow-run.Completed'")}
     assert {f"prefect.flow-run.{runs['default']}", f"prefect.flow-run.{runs['chosen']}"} <= ended  # events were kept
     assert beats == {f"prefect.flow-run.{runs['chosen']}"}
+
+
+FREQUENCY = """
+from prefect.settings import get_current_settings
+from torchcycle.local_server import no_heartbeats, no_heartbeats_on_a_temporary_api
+print(no_heartbeats(), end=" ")
+with no_heartbeats_on_a_temporary_api():  # what `--dask` and DDP runs leave to Prefect's own temporary API
+    print(get_current_settings().flows.heartbeat_frequency)
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "printed"),
+    [
+        ({}, "{'flows.heartbeat_frequency': None} None"),
+        ({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}, "{} 30"),  # the user's frequency is kept
+        ({"PREFECT_RUNNER_HEARTBEAT_FREQUENCY": "45"}, "{} 45"),  # so is the setting's old name
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, "{'flows.heartbeat_frequency': None} 180"),  # a server's
+    ],
+    ids=["default", "user-frequency", "old-name", "running-server"],
+)
+def test_heartbeats_are_off_only_where_nothing_can_watch_them(tmp_path: Path, extra: dict, printed: str) -> None:
+    env = {**_no_heartbeat_env(tmp_path), **extra}
+    done = subprocess.run([sys.executable, "-c", FREQUENCY], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == printed

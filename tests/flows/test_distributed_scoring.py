@@ -364,7 +364,7 @@ def test_a_dask_address_that_never_speaks_dask_is_exit_3_for_predict(registered:
     from torchcycle.flows.scoring import DASK_CONNECT_TIMEOUT_S
 
     src = _parquet(_rows(10, 1), tmp_path / "in.parquet", 10)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    env = cli_env(MLFLOW_TRACKING_URI=registered["uri"])
     with socket.create_server(("127.0.0.1", 0)) as silent:
         address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
         out = tmp_path / "out.parquet"

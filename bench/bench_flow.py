@@ -17,8 +17,8 @@ it (`torchcycle.local_server.starting_temporary_api`), in alternated rounds:
 (Fh) the same with Prefect's default flow-run heartbeats (every 180 s), as a flow run against a running server has
      them: Prefect joins its heartbeat thread, which sleeps in 1 s steps, at the end of every flow run;
 (B)  the same stage functions called bare (plain functions, no Prefect), in the flow's order, on the same store;
-(0)  an empty flow run, with and without heartbeats, and one of as many no-op task runs as (F) has: what a flow
-     run and its task runs cost by themselves;
+(0)  an empty flow run, and one of as many no-op task runs as (F) has: what a flow run and its task runs cost by
+     themselves (an empty run may end before its heartbeat thread starts, so heartbeats show in Fh - F only);
 and the CPU seconds Prefect's server spends on each (F), during and after it (its flow run, task runs, logs).
 
 Prints the best of --repeats (E, S) and --flow-repeats (F, Fh, B) of each, the ratio F/B (goal <= 1.25), the
@@ -115,7 +115,7 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
     # Prefect's default heartbeats, as a flow run against a running server has them
     def beating():
         return temporary_settings(updates={"flows.heartbeat_frequency": 180})
-    runs = {k: [] for k in ("flow", "flow_hb", "bare", "server_cpu", "empty", "empty_hb", "tasks", "tasks_cpu")}
+    runs = {k: [] for k in ("flow", "flow_hb", "bare", "server_cpu", "empty", "tasks", "tasks_cpu")}
     for _ in range(int(sys.argv[3])):  # alternate, so all see the same load; each on a quiet server
         settle(); c = cpu_seconds()
         t = time.perf_counter(); training_flow(cfg, cache=False); runs["flow"].append(time.perf_counter() - t)
@@ -126,9 +126,6 @@ with starting_temporary_api() as ready:  # what `torchcycle train` runs its flow
         t = time.perf_counter(); bare_stages(cfg, uri); runs["bare"].append(time.perf_counter() - t)
         settle()
         t = time.perf_counter(); empty_flow(); runs["empty"].append(time.perf_counter() - t)
-        settle()
-        with beating():
-            t = time.perf_counter(); empty_flow(); runs["empty_hb"].append(time.perf_counter() - t)
         settle(); c = cpu_seconds()
         t = time.perf_counter(); empty_flow(TASK_RUNS); runs["tasks"].append(time.perf_counter() - t)
         settle(); runs["tasks_cpu"].append(cpu_seconds() - c)
@@ -332,8 +329,7 @@ def main() -> None:
     print(f"| ratio Fh/B | {fh / b:.2f} | |")
     print(f"| F - B, median of the {n} alternated pairs | {paired:.2f} | |")
     print(f"| Fh - B, median of the {n} alternated pairs | {paired_hb:.2f} | |")
-    empty, empty_hb = statistics.median(p["empty"]), statistics.median(p["empty_hb"])
-    print(f"\nan empty flow run (median of {n}): {empty:.2f} s; with heartbeats {empty_hb:.2f} s")
+    print(f"\nan empty flow run (median of {n}): {statistics.median(p['empty']):.2f} s")
     tasks, tasks_cpu = statistics.median(p["tasks"]), statistics.median(p["tasks_cpu"])
     print(f"a flow run of {TASK_RUNS} no-op task runs: {tasks:.2f} s, and {tasks_cpu:.2f} s of the server's CPU")
     server_cpu = statistics.median(p["server_cpu"])

@@ -141,11 +141,9 @@ def settle(limit_s: float = 10.0) -> None:
     each measurement starts as a command does, on a quiet server. A flow run created while the server still
     writes the last one's events can be answered 503 "database is locked" (its SQLite), and Prefect's client then
     retries after 2 s."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
+    from torchcycle.local_server import drain_logs_and_events
 
-    for service in (APILogWorker, EventsWorker):
-        service.drain_all(timeout=10)
+    drain_logs_and_events()
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         before = cpu_seconds()

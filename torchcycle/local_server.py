@@ -162,7 +162,7 @@ def starting_temporary_api() -> Iterator[Callable[[], str]]:
         else:
             os.environ["PREFECT_API_URL"] = previous
         if server.running:
-            _drain_to(server)
+            drain_logs_and_events()  # queued for the server before it stops
             server.stop()
 
 
@@ -193,9 +193,9 @@ def no_heartbeats_on_a_temporary_api() -> Iterator[None]:
         yield
 
 
-def _drain_to(server: object) -> None:
-    """Send the logs and events still queued for `server` before it stops: queued for a server that is gone,
-    they would be retried at exit for over a minute and end in 'Error logging to API'."""
+def drain_logs_and_events() -> None:
+    """Send the logs and events this process still has queued for its Prefect API. Queued for a server that is
+    gone, they would be retried at exit for over a minute and end in 'Error logging to API'."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,10 @@ from prefect import task
 from torchcycle.config import DataConfig
 from torchcycle.errors import DataError
 from torchcycle.retry import io_task_options
+from torchcycle.runtime.cells import Kind, as_labels, canonical_table, infer_kind, read_kinds
 from torchcycle.runtime.images import IMAGE_SUFFIXES, is_image_name
 from torchcycle.runtime.types import Task
-from torchcycle.tables import find_inputs, frame_digest, walk_files
+from torchcycle.tables import find_inputs, frame_digest, read_csv_text, walk_files
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class RawData:
     paths: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()  # files in an image folder that are no image (by extension), not read
+    # each column's kind (torchcycle.runtime.cells): how scoring reads it; the frame holds canonical columns
+    kinds: dict[str, Kind] = field(default_factory=dict)
+    left_out: tuple[str, ...] = ()  # columns of the source left out by data.ignore
 
     @property
     def feature_columns(self) -> list[str]:
@@ -95,27 +99,8 @@ def _header(path: Path, suffix: str) -> list[str]:
         return list(pq.read_schema(path).names)
     import csv
 
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is no part of a name
         return next(csv.reader(fh), [])
-
-
-# Read as missing in a column of numbers only (pyarrow's rule, which scoring uses): in a text column 'NA' is
-# a value (a class, a country code), not a hole; pandas' default would drop those rows' labels silently.
-_NUMBER_NULLS = frozenset({"NA", "N/A", "#N/A", "NULL", "null", "NaN", "nan", "-NaN", "-nan", "None", "none"})
-
-
-def _numbers_where_numbers(frame: pd.DataFrame) -> pd.DataFrame:
-    """A text column whose every value is a number or a null token becomes numbers (nulls NaN)."""
-    out = frame
-    for col in frame.columns:
-        s = frame[col]
-        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-            continue
-        holes = s.isin(_NUMBER_NULLS) | s.isna()
-        numbers = pd.to_numeric(s.where(~holes), errors="coerce")
-        if not holes.all() and numbers.notna().sum() == (~holes).sum():
-            out = out.assign(**{col: numbers})  # a new frame: the one read stays as it was
-    return out
 
 
 def _check_unique(names: list[str], path: Path) -> None:
@@ -126,8 +111,9 @@ def _check_unique(names: list[str], path: Path) -> None:
 
 
 def read_table(path: Path, allow_bytes: bool = False) -> pd.DataFrame:
-    """Read a CSV or Parquet file; any failure becomes a DataError naming the file. `allow_bytes`: cells of bytes
-    are kept (a table of images), not refused."""
+    """A CSV or Parquet file as it is stored (CSV: every column text, missing cells None); any failure becomes a
+    DataError naming the file. `allow_bytes`: cells of bytes are kept (a table of images), not refused.
+    `read_tables` turns the text into numbers, booleans and dates (torchcycle.runtime.cells)."""
     if not path.exists():
         raise DataError(f"input file not found: {path}")
     suffix = path.suffix.lower()
@@ -137,13 +123,11 @@ def read_table(path: Path, allow_bytes: bool = False) -> pd.DataFrame:
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
             _check_unique(_header(path, suffix), path)
-            frame = _numbers_where_numbers(pd.read_csv(path, keep_default_na=False, na_values=[""]))
+            frame = read_csv_text(path)
         else:
             raise DataError(f"unsupported file type '{suffix}' for {path}: use .csv or .parquet")
     except DataError:
         raise
-    except pd.errors.EmptyDataError:
-        raise DataError(f"input file is empty: {path}") from None
     except UnicodeDecodeError as err:
         raise DataError(f"input file {path} is not valid UTF-8 text: {err.reason} at byte {err.start}") from None
     except Exception as err:  # pyarrow/parser errors: corrupt or truncated files
@@ -166,9 +150,11 @@ def _refuse_nested(frame: pd.DataFrame, path: Path, allow_bytes: bool = False) -
 
 
 def read_tables(paths: list[Path], allow_bytes: bool = False) -> pd.DataFrame:
-    """Several files of one table (data that accumulates: `data/training/*.parquet`), in name order.
-    Every file must have the same columns, each a number in all files or in none."""
+    """Several files of one table (data that accumulates: `data/training/*.parquet`), in name order, every file
+    with the same columns, each of one kind in all files that hold a value in it; as stored (see `read_table`)."""
     frames = [read_table(p, allow_bytes) for p in paths]
+    if len(frames) == 1:
+        return frames[0]
     first = list(frames[0].columns)
     for path, frame in zip(paths[1:], frames[1:], strict=True):
         if list(frame.columns) != first:
@@ -176,20 +162,30 @@ def read_tables(paths: list[Path], allow_bytes: bool = False) -> pd.DataFrame:
                 f"{path} does not have the columns of {paths[0]}: "
                 f"expected {', '.join(map(str, first))}; got {', '.join(map(str, frame.columns))}"
             )
-        for col in first:  # numbers in one file and text in another would reach the encoders mixed
-            if pd.api.types.is_numeric_dtype(frame[col]) != pd.api.types.is_numeric_dtype(frames[0][col]):
-                raise DataError(
-                    f"column '{col}' holds {frame[col].dtype} in {path} but {frames[0][col].dtype} in {paths[0]}"
-                )
-    if len(frames) == 1:
-        return frames[0]
+    if not allow_bytes:
+        for col in first:  # numbers in one file and text in another: two tables under one name, not one
+            kinds = [(infer_kind(f[col]), p) for f, p in zip(frames, paths, strict=True) if f[col].notna().any()]
+            odd = next(((k, p) for k, p in kinds if k != kinds[0][0]), None)
+            if odd is not None:
+                raise DataError(f"column '{col}' holds {odd[0]} in {odd[1]} but {kinds[0][0]} in {kinds[0][1]}")
+    # one column's cells from several files: as text where files store it differently, read as one below
+    mixed = [c for c in first if len({str(f[c].dtype) for f in frames}) > 1]
+    if mixed:
+        frames = [f.astype({c: object for c in mixed}) for f in frames]
     return pd.concat(frames, ignore_index=True)
+
+
+MAX_INFERRED_CLASSES = 20  # whole-number targets with at most this many values are classes
 
 
 def _infer_task(y: pd.Series) -> Task:
     if isinstance(y.dtype, pd.CategoricalDtype) or y.dtype == bool or not pd.api.types.is_numeric_dtype(y):
         return "classification"
-    if pd.api.types.is_integer_dtype(y) and y.nunique() <= 20:
+    present = y.dropna()
+    # integers, or floats only because some labels are missing (pandas reads a 0/1 label with holes as 0.0/1.0):
+    # classes when few
+    holes = len(present) < len(y) and bool(np.all(np.mod(present.to_numpy(dtype=np.float64), 1) == 0))
+    if (pd.api.types.is_integer_dtype(y) or holes) and present.nunique() <= MAX_INFERRED_CLASSES:
         return "classification"
     return "regression"
 
@@ -257,7 +253,7 @@ def _table_items(path: Path, column: str, target: str) -> list[tuple[Path | byte
         )
     items: list[tuple[Path | bytes, Any]] = []
     holes = []
-    for row, (value, label) in enumerate(zip(frame[column], frame[target], strict=True)):
+    for row, (value, label) in enumerate(zip(frame[column], as_labels(frame[target]), strict=True)):
         if isinstance(value, bytes | bytearray):
             items.append((bytes(value), label))
         elif isinstance(value, str) and value.strip():
@@ -366,6 +362,7 @@ def ingest(cfg: DataConfig) -> RawData:
     scheme, _, name = cfg.source.partition(":")
     image_shape = None
     test_mask = None
+    kinds: dict[str, Kind] | None = None
     if scheme == "sklearn":
         frame, task_, image_shape = _sklearn(name)
         target = "target"
@@ -379,6 +376,8 @@ def ingest(cfg: DataConfig) -> RawData:
             raise DataError(
                 f"target column '{target}' not found in {name}; columns are: {', '.join(map(str, frame.columns))}"
             )
+        frame = _without(frame, cfg.ignore, name, target)
+        frame, kinds = canonical_table(frame, keep_whole=(target,))
         task_ = _infer_task(frame[target])
     elif scheme == "images":
         return _limited(_read_images(cfg), cfg.limit)
@@ -394,6 +393,9 @@ def ingest(cfg: DataConfig) -> RawData:
         keep.sort()
         frame = frame.iloc[keep].reset_index(drop=True)
         test_mask = test_mask[keep] if test_mask is not None else None
+    if kinds is None:  # typed frames (data sets of a package): their dtypes say it
+        frame = _without(frame, cfg.ignore, cfg.source, target)
+        kinds = read_kinds(frame)
     return RawData(
         frame=frame,
         target=target,
@@ -402,7 +404,24 @@ def ingest(cfg: DataConfig) -> RawData:
         digest=frame_digest(frame),
         image_shape=image_shape,
         test_mask=test_mask,
+        kinds=kinds,
+        left_out=tuple(cfg.ignore),
     )
+
+
+def _without(frame: pd.DataFrame, ignore: list[str], source: str, target: str) -> pd.DataFrame:
+    """`frame` less the columns of data.ignore; one error naming those it does not have."""
+    if not ignore:
+        return frame
+    if target in ignore:
+        raise DataError(f"data.ignore names the target column '{target}': it cannot be left out")
+    absent = [c for c in ignore if c not in frame.columns]
+    if absent:
+        raise DataError(
+            f"data.ignore names column(s) {', '.join(map(repr, absent))} that {source} does not have; "
+            f"columns are: {', '.join(map(str, frame.columns))}"
+        )
+    return frame.drop(columns=ignore)
 
 
 @task(name="ingest", **io_task_options())

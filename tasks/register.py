@@ -73,7 +73,23 @@ def prediction_reference(
 
 
 def input_example(prepared: Prepared, target: str, rows: int = 5) -> pd.DataFrame:
-    return prepared.test_frame.drop(columns=[target]).head(rows).reset_index(drop=True)
+    """A few held-out rows of the model's input columns, as the model reads them."""
+    return prepared.test_frame[prepared.pipeline.columns].head(rows).reset_index(drop=True)
+
+
+def input_signature(predictor: Any, example: pd.DataFrame) -> Any:
+    """The model's signature: its input columns by name, each untyped (MLflow's AnyType) but image bytes, and its
+    outputs as inferred. Untyped because MLflow's own checks would refuse what readers give for one column on
+    different days (pandas.read_csv reads whole numbers as int64, which MLflow will not turn into a double; a
+    batch whose text column happens to be empty comes as float NaN): the model reads every cell itself, by the
+    kind it recorded (torchcycle.runtime.cells; the kinds are in the MLmodel's metadata too)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    outputs = infer_signature(example, predictor.predict(example)).outputs
+    kinds = predictor.pipeline.input_kinds()
+    specs = [ColSpec("binary" if kinds[c] == "binary" else AnyType(), c) for c in predictor.pipeline.columns]
+    return ModelSignature(inputs=Schema(specs), outputs=outputs)
 
 
 def register_model(
@@ -154,7 +170,6 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
 
     import mlflow
     from mlflow.entities import Metric
-    from mlflow.models import infer_signature
 
     predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is logged
     code = model_code()
@@ -167,7 +182,7 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
-        signature = infer_signature(example, predictor.predict(example))
+        signature = input_signature(predictor, example)
         mlflow.pyfunc.log_model(
             name=LOGGED_MODEL_NAME,
             model_id=logged.model_id,
@@ -177,6 +192,7 @@ def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame
             signature=signature,
             input_example=example,
             pip_requirements=list(code.requirements),
+            metadata={"torchcycle_input_kinds": predictor.pipeline.input_kinds()},
         )
     return logged.model_id
 

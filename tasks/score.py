@@ -57,25 +57,30 @@ def score_batch(
     offset: int = 0,
     observe: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None,
     base: Path | None = None,
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
 ) -> pa.RecordBatch:
     """One input batch -> passthrough columns, prediction (+ proba_*), lineage columns. Same rows, same order.
 
-    `offset`: the batch's first data row in its file, so validation errors name file rows. `observe`: called
-    with (model inputs, model outputs) of every scored batch (drift counting); it must not change them.
-    `base`: the folder relative image paths are read from (the table's, or the folder of images scored)."""
+    `offset`: the batch's first data row in its file, so validation errors name file rows. `prepare`: the model's
+    reading of its input cells (torchcycle.runtime.cells), once per batch; `predict` then takes what it returns.
+    `observe`: called with (model inputs, model outputs) of every scored batch (drift counting); it must not
+    change them. `base`: the folder relative image paths are read from (the table's, or the folder of images)."""
     from torchcycle.runtime.images import ImageError
 
     features = pa.Table.from_batches([batch.select(list(expected))])
     paths: list[str | None] | None = None
     for i, (col, kind) in enumerate(expected.items()):
-        if kind == "number":  # ints and floats alike: the feature pipeline works in floats
-            features = features.set_column(i, col, features.column(col).cast(pa.float64()))
+        typ = features.column(col).type
+        if kind == "number" and (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ)):
+            features = features.set_column(i, col, features.column(col).cast(pa.float64()))  # stored numbers
         elif kind == "binary" and not pa.types.is_binary(features.column(col).type):  # paths to the images
             paths = features.column(col).to_pylist()
             features = features.set_column(i, col, pa.array(read_image_files(paths, base, offset), pa.binary()))
     frame = features.to_pandas()
     frame.index = pd.RangeIndex(offset, offset + len(frame))
     try:
+        if prepare is not None:
+            frame = prepare(frame)
         result = predict(frame)
     except ImageError as err:
         if paths is None or not err.bad:
@@ -223,6 +228,7 @@ class Scorer:
     progress: bool = True
     outputs: tuple[str, ...] = ()  # the model's output columns, when known: checked against input names
     observe: Callable[[pd.DataFrame, pd.DataFrame], None] | None = None  # sees every scored batch (drift)
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # the model's reading of its cells, per batch
 
     def __post_init__(self) -> None:
         self.id_cols = tuple(dict.fromkeys(self.id_cols))  # `--id-col a --id-col a` is one column
@@ -323,6 +329,7 @@ class Scorer:
                                 first_row + rows,
                                 self.observe,
                                 base,
+                                self.prepare,
                             )
                             write(scored)
                         except DataError as err:  # the model's contract refused values: say which file
@@ -571,6 +578,8 @@ class LoadedModel:
     expected: dict[str, str]
     outputs: tuple[str, ...] = ()  # prediction (+ proba_<class>) when the model says so
     reference: ReferenceProfile | None = None  # the training data's drift reference (None: an older model)
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None  # reads input cells once per batch (ours)
+    predict_prepared: Callable[[Any], Any] | None = None  # `predict` of what `prepare` returned
 
     def drift_counts(self) -> DriftCounts | None:
         return DriftCounts.empty(self.reference) if self.reference is not None else None
@@ -579,9 +588,17 @@ class LoadedModel:
         """A Scorer of this model that counts drift as it scores, and the counts it fills (or None)."""
         counts = self.drift_counts()
         observe = counts.update if counts is not None else None
-        return Scorer(
-            self.predict, self.expected, model, id_cols, batch_rows, outputs=self.outputs, observe=observe
-        ), counts
+        scorer = Scorer(
+            self.predict_prepared if self.predict_prepared is not None else self.predict,
+            self.expected,
+            model,
+            id_cols,
+            batch_rows,
+            outputs=self.outputs,
+            observe=observe,
+            prepare=self.prepare if self.predict_prepared is not None else None,
+        )
+        return scorer, counts
 
 
 @task(name="load-model", **io_task_options())
@@ -600,8 +617,18 @@ def loaded_model(pyfunc: Any) -> LoadedModel:
     predictor = getattr(inner, "predictor", None)
     if predictor is None or not type(predictor).__module__.startswith("torchcycle.runtime."):
         return LoadedModel(_refusals_as_data_errors(pyfunc.predict), expected)
-    reference = getattr(predictor.pipeline, "reference", None)
-    return LoadedModel(predictor.predict, expected, tuple(predictor.output_columns), reference)
+    pipeline = predictor.pipeline
+    reference = getattr(pipeline, "reference", None)
+    # the model's own reading of each column (the signature leaves them untyped, see tasks/register.py)
+    kinds = pipeline.input_kinds() if hasattr(pipeline, "input_kinds") else expected
+    return LoadedModel(
+        predictor.predict,
+        kinds,
+        tuple(predictor.output_columns),
+        reference,
+        prepare=pipeline.canonical,
+        predict_prepared=predictor.predict_canonical,
+    )
 
 
 def _refusals_as_data_errors(predict: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -121,12 +121,18 @@ IMAGE_BATCH_ROWS = 256  # rows per batch of a model of images: each row is a who
 
 
 def expected_columns(signature_schema: Any) -> dict[str, str]:
-    """Model input signature -> {column: kind}, kind in number | string | bool | datetime."""
+    """Model input signature -> {column: kind}, kind in number | string | bool | datetime | binary | any (a column
+    the signature leaves untyped: read as its file stores it, the model decides)."""
     if signature_schema is None or not signature_schema.has_input_names():
         raise DataError("the model has no named input schema: re-register it with torchcycle train")
-    return {
-        spec.name: _KINDS.get(getattr(spec.type, "name", str(spec.type)), "string") for spec in signature_schema.inputs
-    }
+    return {spec.name: _spec_kind(spec.type) for spec in signature_schema.inputs}
+
+
+def _spec_kind(spec_type: Any) -> str:
+    name = getattr(spec_type, "name", None)
+    if name is None:  # mlflow.types.schema.AnyType (and objects, arrays): no type to hold the column to
+        return "any"
+    return _KINDS.get(name, "string")
 
 
 def _kind_of(t: pa.DataType) -> str:
@@ -163,9 +169,7 @@ def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outpu
     for col, kind in expected.items():
         if col in names and col not in dupes:
             found = _kind_of(schema.field(col).type)
-            # nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1;
-            # image bytes may come as paths to the image files
-            if found not in (kind, "null") and not (kind == "binary" and found == "string"):
+            if not _fits(kind, found):
                 wrong.setdefault((kind, str(schema.field(col).type)), []).append(col)
     for (kind, found), cols in wrong.items():
         problems.append(f"column(s) {_names(cols)} must be {kind}, found {found}")
@@ -179,12 +183,29 @@ def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outpu
         raise DataError(f"{source}: " + "; ".join(problems))
 
 
+def _fits(kind: str, found: str) -> bool:
+    """A stored column of kind `found` can hold a model input of `kind`. Text can hold any kind (a CSV column, or
+    Parquet text): its cells are read by torchcycle.runtime.cells, as at training. Otherwise nothing crosses kinds
+    silently: a bool where a number was trained is refused, not read as 0/1; image bytes may come as their paths."""
+    return found in (kind, "null", "string") or kind == "any" or (kind == "bool" and found == "number")
+
+
 def _names(cols: list[str], show: int = 6) -> str:
     more = f" (+{len(cols) - show} more)" if len(cols) > show else ""
     return ", ".join(f"'{c}'" for c in cols[:show]) + more
 
 
-_CSV_TYPES = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_(), "binary": pa.string()}
+def csv_convert_options(columns: list[str]) -> pacsv.ConvertOptions:
+    """Every column as text, missing where pandas.read_csv says so (torchcycle.runtime.cells.NULL_TOKENS): training
+    and scoring read a CSV cell alike; runtime.cells turns the text into numbers, booleans or dates."""
+    from torchcycle.runtime.cells import NULL_TOKENS
+
+    return pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in columns},
+        null_values=sorted(NULL_TOKENS),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+    )
 
 
 _CSV_CELL = re.compile(r"In CSV column #(\d+): (.*)", re.S)
@@ -204,10 +225,23 @@ def _csv_names(path: Path) -> list[str]:
     import csv
 
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is no part of a name
             return next(csv.reader(fh), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
+
+
+def read_csv_text(path: Path) -> pd.DataFrame:
+    """A whole CSV file as text columns (missing cells None), read as scoring reads it (`csv_convert_options`);
+    training decides each column's kind from this (torchcycle.runtime.cells.canonical_table)."""
+    names = _csv_names(path)
+    try:
+        table = pacsv.read_csv(path, convert_options=csv_convert_options(names))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
+        if "Empty CSV file" in str(err):
+            raise DataError(f"input file is empty: {path}") from None
+        raise _csv_error(err, path, names, {}) from None
+    return table.to_pandas(types_mapper={pa.string(): pd.StringDtype()}.get)
 
 
 @contextmanager
@@ -220,21 +254,19 @@ def open_batches(
     Row groups are read in packs (`_group_batches`), so a file scored whole and the same file scored as units
     of packs go through the model in the same batches (the same floating-point results, bit for bit).
 
-    CSV columns the model does not use are carried as the text they hold: a guessed type would turn the ID
-    00042 into 42, round a 20-digit ID through float64, or fail on text after 100,000 empty rows."""
+    CSV columns are read as the text they hold (the model's through torchcycle.runtime.cells, as at training; the
+    others passed through as they are: a guessed type would turn the ID 00042 into 42, round a 20-digit ID through
+    float64, or fail on text after 100,000 empty rows)."""
     pf: pq.ParquetFile | None = None
     if path.is_dir():  # a folder of images: a table of their paths, relative to it, in the image column
         yield _image_folder_batches(path, expected, batch_rows)
         return
     try:
         if path.suffix.lower() == ".csv":
-            types = {c: pa.string() for c in _csv_names(path) if c not in expected}
-            # Parse model columns as the model's kinds, so a stray value is named, not guessed around.
-            types.update({c: _CSV_TYPES[k] for c, k in expected.items() if k in _CSV_TYPES})
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=1 << 22),  # ~4 MiB of text per batch
-                convert_options=pacsv.ConvertOptions(column_types=types),
+                convert_options=csv_convert_options([*_csv_names(path), *expected]),
             )
             schema, batches, total = reader.schema, iter(reader), None
         else:

@@ -60,6 +60,11 @@ def _truncated_parquet(path: Path) -> bytes:
     return path.read_bytes()[:-200]
 
 
+def _every_other(frame: pd.DataFrame, column: str, value: float) -> pd.DataFrame:
+    """`value` in every other row of `column` (in every row, the column would be constant: left out, not refused)."""
+    return frame.assign(**{column: np.where(np.arange(len(frame)) % 2, value, frame[column])})
+
+
 def _dup_csv(frame: pd.DataFrame) -> str:
     text = frame.to_csv(index=False)
     header, rest = text.split("\n", 1)
@@ -75,9 +80,19 @@ TRAIN_CORPUS: list[tuple[str, str, Callable[[Path], object], str]] = [
         "target column 'label' not found",
     ),
     ("wrong target dtype", "t.csv", lambda d: labelled_table().assign(label="x"), "at least 2 classes"),
-    ("NaN-only feature", "t.csv", lambda d: labelled_table().assign(x1=np.nan), "column 'x1' fails to hold values"),
-    ("+inf in a feature", "t.csv", lambda d: labelled_table().assign(x1=np.inf), "column 'x1' fails finite"),
-    ("-inf in a feature", "t.parquet", lambda d: labelled_table().assign(x2=-np.inf), "column 'x2' fails finite"),
+    (
+        "no feature to learn from",  # empty and constant columns are left out: nothing is left
+        "t.csv",
+        lambda d: labelled_table().assign(x1=np.nan, x2=3, color="red"),
+        "no feature column a model can learn from: 'x1' (constant: no value at all)",
+    ),
+    ("+inf in a feature", "t.csv", lambda d: _every_other(labelled_table(), "x1", np.inf), "column 'x1' fails finite"),
+    (
+        "-inf in a feature",
+        "t.parquet",
+        lambda d: _every_other(labelled_table(), "x2", -np.inf),
+        "column 'x2' fails finite",
+    ),
     ("empty file", "t.csv", lambda d: b"", "input file is empty"),
     ("header-only CSV", "t.csv", lambda d: "x1,x2,color,label\n", "has no rows"),
     ("truncated Parquet", "t.parquet", lambda d: _truncated_parquet(d / "full.parquet"), "cannot read"),
@@ -121,7 +136,7 @@ PREDICT_CORPUS: list[tuple[str, str, Callable[[Path], object], str]] = [
     ("truncated Parquet", "in.parquet", lambda d: _truncated_parquet(d / "full.parquet"), "cannot read"),
     ("non-UTF-8 bytes", "in.csv", lambda d: b"row_id,x1,x2,color\n0,1.0,2,caf\xe9\n", "cannot read"),
     ("duplicate column names", "in.csv", lambda d: _dup_csv(_features()), "duplicate column name(s) x1"),
-    ("unseen category", "in.parquet", lambda d: _features().assign(color="purple"), "'color' fails its training"),
+    ("text in a number column", "in.csv", lambda d: _features().assign(x1="lots"), "column 'x1' must be number"),
 ]
 
 

@@ -111,16 +111,24 @@ def test_file_source_reads_a_directory_or_glob_of_files_in_name_order(tmp_path: 
 def test_files_of_one_table_must_agree_on_numbers(tmp_path: Path) -> None:
     pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}).to_parquet(tmp_path / "a.parquet")
     pd.DataFrame({"x": ["high", "low"], "y": [1, 0]}).to_parquet(tmp_path / "b.parquet")
-    with pytest.raises(DataError, match=r"column 'x' holds str in .*b\.parquet but float64 in .*a\.parquet"):
+    with pytest.raises(DataError, match=r"column 'x' holds string in .*b\.parquet but number in .*a\.parquet"):
         ingest(DataConfig(source=f"file:{tmp_path}", target="y"))
 
 
-def test_na_text_is_a_value_in_a_text_column_and_missing_in_a_number_column(tmp_path: Path) -> None:
-    """pandas' default would read the class 'NA' (or the country code) as missing and drop those rows."""
+def test_a_cell_means_what_pandas_read_csv_says_in_every_column(tmp_path: Path) -> None:
+    """Empty cells and pandas' missing-value tokens (NA, None, NULL...) are missing in text and number columns
+    alike, so training, scoring and `pandas.read_csv` read one file one way (torchcycle.runtime.cells)."""
     from torchcycle.tasks.ingest import read_table
 
     path = tmp_path / "na.csv"
-    path.write_text("x1,color,label,n\n1.5,NA,NA,NA\n2.5,red,US,3\n3,None,FR,\n")
-    frame = read_table(path)
-    assert frame["label"].tolist() == ["NA", "US", "FR"] and frame["color"].tolist() == ["NA", "red", "None"]
-    assert frame["n"].isna().tolist() == [True, False, True] and frame["n"].iloc[1] == 3.0
+    path.write_text("x1,color,label,n\n1.5,NA,NA,NA\n2.5,red,US,3\n3,None,FR,\n4, ,DE,5\n")
+    raw = ingest(DataConfig(source=f"file:{path}", target="label"))
+    frame = raw.frame
+    assert frame["color"].isna().tolist() == [True, False, True, True] and frame["color"].iloc[1] == "red"
+    assert frame["label"].isna().tolist() == [True, False, False, False]  # a missing label: the row is dropped
+    assert frame["n"].isna().tolist() == [True, False, True, False] and frame["n"].iloc[1] == 3.0
+    assert raw.kinds == {"x1": "number", "color": "string", "label": "string", "n": "number"}
+    theirs = pd.read_csv(path)
+    for col in ("color", "label", "n"):
+        assert frame[col].isna().tolist()[:3] == theirs[col].isna().tolist()[:3]
+    assert read_table(path)["color"].tolist()[1] == "red"  # as stored: text, missing cells None

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from torchcycle.models import build_model
 from torchcycle.models.inference import predict as torch_predict
+from torchcycle.runtime.cells import coerce_frame, kind_of_dtype, kind_of_dtype_name
 from torchcycle.runtime.contract import check_frame, clearly_valid_values, infer_contract
 from torchcycle.runtime.contract import from_json as contract_from_json
 from torchcycle.runtime.contract import to_json as contract_to_json
@@ -108,6 +109,55 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and value != value
 
 
+def _column_transformer(numeric: list[str], categorical: list[str], scale: bool, max_categories: int) -> Any:
+    """Numbers (and booleans, date parts): median-imputed, then standardised; text: one-hot over the most frequent
+    `max_categories` values, the rest and values never seen in training in one "other" column (when training had
+    such a rest; otherwise an unseen value sets no column), missing cells a category of their own."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+    parts = []
+    if numeric:
+        parts.append(
+            (
+                "num",
+                make_pipeline(SimpleImputer(strategy="median"), StandardScaler() if scale else FunctionTransformer()),
+                numeric,
+            )
+        )
+    if categorical:
+        encoder = OneHotEncoder(
+            handle_unknown="infrequent_if_exist", max_categories=max_categories + 1, sparse_output=False
+        )
+        parts.append(("cat", encoder, categorical))
+    return ColumnTransformer(parts, sparse_threshold=0.0)
+
+
+DATE_PARTS = ("year", "month", "day", "weekday", "hour")
+
+
+def date_parts_of(values: pd.Series) -> list[str]:
+    """The parts of a canonical datetime column that carry something: year, month, day, weekday, and the hour when
+    some value has a time of day."""
+    present = values.dropna()
+    parts = ["year", "month", "day", "weekday"]
+    if len(present) and (present.dt.hour != 0).any():
+        parts.append("hour")
+    return parts
+
+
+def date_part_columns(values: pd.Series, parts: list[str]) -> dict[str, pd.Series]:
+    """A canonical datetime column as float64 columns named '<column>:<part>' (NaN where the date is missing)."""
+    dt = values.dt
+    out = {}
+    for part in parts:
+        raw = dt.weekday if part == "weekday" else getattr(dt, part)
+        out[f"{values.name}:{part}"] = raw.astype("float64")
+    return out
+
+
 @dataclass
 class FeaturePipeline:
     """Raw rows -> float32 model inputs (N, F). Fitted on the train split only."""
@@ -125,6 +175,11 @@ class FeaturePipeline:
     channel_std: list[float] | None = None
     target_mean: float = 0.0  # regression: the model learns (y - mean) / std, fitted on train
     target_std: float = 1.0
+    # tabular: each input's kind (torchcycle.runtime.cells), how every caller's cells are read; {} in bundles made
+    # before kinds existed (then from input_dtypes)
+    kinds: dict[str, str] = field(default_factory=dict)
+    date_parts: dict[str, list[str]] = field(default_factory=dict)  # datetime input -> the parts it becomes
+    max_categories: int = 50  # text inputs: values kept per column; the rest share one "other" feature
     transformer: Any = field(default=None, repr=False)  # sklearn ColumnTransformer (tabular)
     contract: Any = field(default=None, repr=False)  # pandera schema of the training inputs
     reference: ReferenceProfile | None = field(default=None, repr=False)  # drift reference (train split)
@@ -138,47 +193,38 @@ class FeaturePipeline:
         classes: list[Any] | None,
         image_shape: tuple[int, int, int] | None,
         scale: bool,
+        *,
+        kinds: dict[str, str] | None = None,
+        columns: list[str] | None = None,
+        max_categories: int = 50,
     ) -> FeaturePipeline:
-        from sklearn.compose import ColumnTransformer
-        from sklearn.impute import SimpleImputer
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
-
+        """Fitted on the train split (canonical columns, torchcycle.runtime.cells). `columns`: the inputs (default:
+        every column but the target); `kinds`: theirs (default: from their dtypes)."""
         x = train.drop(columns=[target])
-        columns = list(map(str, x.columns))
-        dtypes = {c: str(x[c].dtype) for c in columns}
-        pipe = cls(columns, dtypes, task, classes, image_shape, scale)
-        pipe.contract = infer_contract(x)  # build_features widens it to every split
+        if columns is not None:
+            x = x[columns]
+        names = list(map(str, x.columns))
+        dtypes = {c: str(x[c].dtype) for c in names}
+        pipe = cls(names, dtypes, task, classes, image_shape, scale, max_categories=max_categories)
         if task == "regression":
             # Standardised targets keep one learning rate sensible for y ~ 1 and y ~ 1000 alike.
             y = train[target].to_numpy(dtype=np.float64)
             pipe.target_mean = float(y.mean())
             pipe.target_std = float(y.std()) or 1.0
         if image_shape is not None:
+            pipe.contract = infer_contract(x)  # build_features widens it to every split
             pixels = x.to_numpy(dtype=np.float64)
             pipe.pixel_mean = float(pixels.mean())
             pipe.pixel_std = float(pixels.std()) or 1.0
             return pipe
-        numeric = [c for c in columns if pd.api.types.is_numeric_dtype(x[c])]
-        categorical = [c for c in columns if c not in numeric]
-        num_steps = [SimpleImputer(strategy="median")]
-        num_steps.append(StandardScaler() if scale else FunctionTransformer())
-        parts = []
-        if numeric:
-            parts.append(("num", make_pipeline(*num_steps), numeric))
-        if categorical:
-            # Unseen categories at scoring time map to all-zeros rather than failing.
-            parts.append(
-                (
-                    "cat",
-                    make_pipeline(
-                        SimpleImputer(strategy="most_frequent"),
-                        OneHotEncoder(handle_unknown="ignore", sparse_output=False),
-                    ),
-                    categorical,
-                )
-            )
-        pipe.transformer = ColumnTransformer(parts, sparse_threshold=0.0).fit(x)
+        pipe.kinds = {c: (kinds or {}).get(c) or kind_of_dtype(x[c]) for c in names}
+        canon = coerce_frame(x, pipe.kinds)  # type: ignore[arg-type]
+        pipe.contract = infer_contract(canon)  # build_features widens it to every split
+        pipe.date_parts = {c: date_parts_of(canon[c]) for c, k in pipe.kinds.items() if k == "datetime"}
+        derived = pipe._derived(canon)
+        categorical = [c for c in names if pipe.kinds[c] == "string"]
+        numeric = [c for c in derived.columns if c not in categorical]
+        pipe.transformer = _column_transformer(numeric, categorical, scale, max_categories).fit(derived)
         return pipe
 
     @classmethod
@@ -227,10 +273,34 @@ class FeaturePipeline:
         if missing:
             raise DataError(f"missing input column(s): {', '.join(missing)}")
 
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """(N, F) float32. Extra columns are ignored; missing ones, and values the training data's
-        contract refuses (nulls, +-inf, unseen categories), raise DataError naming all of them."""
+    def input_kinds(self) -> dict[str, str]:
+        """Each input column's kind, as scoring reads it (binary: encoded image bytes)."""
+        if self.image_column is not None:
+            return {self.image_column: "binary"}
+        if self.kinds:
+            return dict(self.kinds)
+        return {c: kind_of_dtype_name(self.input_dtypes.get(c, "")) for c in self.columns}
+
+    def canonical(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The input columns of `frame` (from any reader or caller) as canonical columns of their kinds, the same
+        whatever the caller (torchcycle.runtime.cells); a DataError names every column that is not of its kind."""
         self.check_columns(frame)
+        if self.image_column is not None or self.image_shape is not None or not self.kinds:
+            return frame
+        return coerce_frame(frame, self.kinds)  # type: ignore[arg-type]
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """(N, F) float32. Extra columns are ignored; missing ones, cells not of their column's kind, and values the
+        training data's contract refuses (nulls where training had none, +-inf) raise DataError naming all of them."""
+        return self.transform_canonical(self.canonical(frame))
+
+    def transform_canonical(self, frame: pd.DataFrame) -> np.ndarray:
+        """`transform` of a frame `canonical` returned. Always C-ordered: the same values laid out otherwise (a
+        frame of one pandas block gives Fortran order) take another path through the model's matrix product, and
+        come out different in the last bits; scoring, the gate and evaluate must agree exactly."""
+        return np.ascontiguousarray(self._transform(frame))
+
+    def _transform(self, frame: pd.DataFrame) -> np.ndarray:
         if self.image_column is not None:
             return self.normalise(self.decode_images(frame))
         # numeric columns only, under a contract: one float array for the contract's check and the features
@@ -248,7 +318,19 @@ class FeaturePipeline:
         if self.image_shape is not None:
             pixels = x.to_numpy(dtype=np.float32)
             return ((pixels - self.pixel_mean) / self.pixel_std).astype(np.float32)
-        return np.asarray(self.transformer.transform(x), dtype=np.float32)
+        return np.asarray(self.transformer.transform(self._derived(x)), dtype=np.float32)
+
+    def _derived(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Canonical inputs -> the transformer's columns: each date as its parts (numbers), the rest as they are."""
+        if not self.date_parts:
+            return frame
+        columns: dict[str, pd.Series] = {}
+        for c in frame.columns:
+            if c in self.date_parts:
+                columns.update(date_part_columns(frame[c], self.date_parts[c]))
+            else:
+                columns[c] = frame[c]
+        return pd.DataFrame(columns, index=frame.index, copy=False)
 
     def _affine(self) -> _NumericAffine | None:
         cached = self.__dict__.get("_affine_of")
@@ -339,10 +421,15 @@ class Predictor:
         return ["prediction"] + [f"proba_{c}" for c in self.pipeline.classes or []]
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw rows (from any reader or caller; cells read by torchcycle.runtime.cells) -> the output frame."""
+        return self.predict_canonical(self.pipeline.canonical(frame))
+
+    def predict_canonical(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """`predict` of rows `pipeline.canonical` returned (batch scoring reads them so once, for drift too)."""
         if len(frame) == 0:  # scikit-learn refuses 0 rows; 0 rows in (with valid columns) is 0 rows out
             self.pipeline.check_columns(frame)
             return self._result(torch.empty(0, self._n_outputs()))
-        x = self.pipeline.transform(frame)  # (N, F) float32
+        x = self.pipeline.transform_canonical(frame)  # (N, F) float32
         _refuse_non_finite(frame, ~np.isfinite(x).all(axis=1), self.pipeline.columns)
         out = torch_predict(self.model, torch.from_numpy(x), self.device)
         _refuse_non_finite(frame, ~torch.isfinite(out).all(dim=1).numpy(), self.pipeline.columns)

@@ -1,9 +1,10 @@
 """Data contracts as pandera schemas: what the training data looked like, saved with the model.
 
-Per input column: its kind, whether nulls were seen (else they are refused), the category set of a
-text column (unseen values are refused), and the range of values seen (recorded as metadata, not
-enforced: a new extreme is not an error). Validation is lazy: every failing column and check is
-reported at once, with row examples, in one DataError.
+Per input column (canonical, torchcycle.runtime.cells): its kind, whether nulls were seen (else they are
+refused), and as metadata, not enforced, the range of values seen (a new extreme is not an error) and the
+categories of a text column (a value never seen in training is scored as the column's "other" category, and
+counted as <unseen> by drift monitoring). Validation is lazy: every failing column and check is reported at
+once, with row examples, in one DataError.
 """
 
 from __future__ import annotations
@@ -57,15 +58,22 @@ def infer_contract(frame: pd.DataFrame, name: str = "model input") -> Any:
             checks.append(pa.Check.finite())
         elif pd.api.types.is_bool_dtype(s):
             meta["kind"] = "bool"
+        elif pd.api.types.is_datetime64_any_dtype(s):
+            present = s.dropna()
+            meta.update(kind="datetime", min=_iso(present.min()), max=_iso(present.max()))
         else:
             meta["kind"] = "string"
             cats = sorted(map(str, s.dropna().unique()))
             if len(cats) <= MAX_CATEGORIES:
-                checks.append(pa.Check.isin(cats))
+                meta["categories"] = cats
         columns[str(col)] = pa.Column(
             dtype=None, nullable=bool(s.isna().any()), checks=checks, required=True, metadata=meta
         )
     return pa.DataFrameSchema(columns, strict=False, name=name)  # extra columns are allowed
+
+
+def _iso(v: Any) -> str | None:
+    return None if pd.isna(v) else pd.Timestamp(v).isoformat()
 
 
 def _num(v: Any) -> float | None:
@@ -158,17 +166,15 @@ def check_frame(frame: pd.DataFrame, schema: Any, source: str = "input") -> None
 
 
 def value_problems(frame: pd.DataFrame, columns: list[str]) -> list[str]:
-    """Training-data value checks through pandera, lazily: +-inf in any numeric column, and columns
-    holding no value at all. One text per failing (column, check), with row examples."""
+    """Training-data value checks through pandera, lazily: +-inf in any numeric column (a column with no value at
+    all is left out as constant, tasks/validate.py). One text per failing (column, check), with row examples."""
     _register_checks()
     import pandera.errors as pe
     import pandera.pandas as pa
 
     checks = {}
     for col in columns:
-        rules = [pa.Check(lambda s: bool(s.notna().any()), name="not entirely empty", element_wise=False)]
-        if _is_number(frame[col]):
-            rules.append(pa.Check.finite())
+        rules = [pa.Check.finite()] if _is_number(frame[col]) else []
         checks[col] = pa.Column(dtype=None, nullable=True, checks=rules)
     try:
         pa.DataFrameSchema(checks, strict=False).validate(frame, lazy=True)
@@ -198,8 +204,6 @@ def _expectation(check: str) -> str:
         return "finite (no +-inf)"
     if check.startswith("isin("):
         return "its training categories" + (f" {check[5:-1]}" if len(check) < 120 else "")
-    if check == "not entirely empty":
-        return "to hold values (it is entirely empty)"
     if check == "column_in_dataframe":
         return "presence (missing column)"
     return check

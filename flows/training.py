@@ -39,6 +39,7 @@ from torchcycle.tracking import (
     flow_run_id,
     log_datasets_task,
     log_evaluation_task,
+    log_facts_task,
     log_history_task,
     resolve_tracking_uri,
     tracked_run,
@@ -130,6 +131,7 @@ def _tracked(
     splits = cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed)
     prepared = cached(features_task, key("features"))(splits, config.features, config.drift)
     log_datasets_task(uri, run_id, splits.named(), name=config.name, source=config.data.source, target=raw.target)
+    log_facts_task(uri, run_id, *splits.facts())
     if holdout:
         write_frame_task(prepared.test_frame, Path(holdout))
     ckpt = checkpoint_path(config.name, config.config_hash(), raw.digest)
@@ -138,6 +140,7 @@ def _tracked(
         prepared, config.model, config.train, config.seed, MlflowEpochLogger(MlflowClient(uri), run_id), ckpt
     )
     log_history_task(uri, run_id, trained.fit.history)  # epochs trained by an earlier run
+    log_facts_task(uri, run_id, trained.resolved_params())
     report = cached(evaluate_task, key("evaluate"))(trained, prepared)
     log_evaluation_task(uri, run_id, report.metrics, report.figures)
     tags = {**lineage_tags(raw.digest, config.config_hash()), "prefect_flow_run_id": flow_run_id(), **extra_tags}

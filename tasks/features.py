@@ -69,12 +69,26 @@ def build_features(splits: Splits, cfg: FeaturesConfig, drift: DriftConfig | Non
         classes = _sorted_labels(
             pd.concat([splits.train[splits.target], splits.val[splits.target], splits.test[splits.target]])
         )
-    pipe = FeaturePipeline.fit(splits.train, splits.target, splits.task, classes, splits.image_shape, cfg.scale)
-    # The contract describes the whole training data set (categories or nulls may first appear in a
-    # held-out split); only the fitted statistics above come from the train split alone.
-    pipe.contract = infer_contract(pd.concat([splits.train, splits.val, splits.test]).drop(columns=[splits.target]))
+    columns = [c for c in splits.train.columns if c != splits.target and c not in splits.left_out]
+    pipe = FeaturePipeline.fit(
+        splits.train,
+        splits.target,
+        splits.task,
+        classes,
+        splits.image_shape,
+        cfg.scale,
+        kinds={c: k for c, k in splits.kinds.items() if c in columns},
+        columns=columns,
+        max_categories=cfg.max_categories,
+    )
+    # The contract describes the whole table (nulls may first appear in a held-out split, or in rows with no
+    # label, which are scored too); only the fitted statistics above come from the train split alone.
+    parts = [splits.train, splits.val, splits.test] + ([splits.unlabeled] if splits.unlabeled is not None else [])
+    pipe.contract = infer_contract(pd.concat([p[columns] for p in parts]))
+    # dates are not profiled: data scored later holds later dates by nature, which is no drift
+    profiled = [c for c in columns if pipe.kinds.get(c) != "datetime"]
     pipe.reference = ReferenceProfile.from_frame(
-        splits.train.drop(columns=[splits.target]),
+        splits.train[profiled],
         drift.bins,
         warn=drift.warn,
         threshold=drift.threshold,

@@ -1,8 +1,9 @@
-"""Preprocess: drop unlabeled rows and split train/val/test (seeded, stratified for classes)."""
+"""Preprocess: drop unlabeled rows, decide the feature columns, split train/val/test (seeded, stratified for
+classes)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -12,8 +13,10 @@ from sklearn.model_selection import train_test_split
 
 from torchcycle.config import DataConfig
 from torchcycle.errors import DataError
+from torchcycle.runtime.cells import Kind
 from torchcycle.runtime.types import Task
 from torchcycle.tasks.ingest import RawData
+from torchcycle.tasks.validate import left_out_columns
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class Splits:
     task: Task
     image_shape: tuple[int, int, int] | None = None
     dropped_rows: int = 0  # rows dropped for a missing target
+    unlabeled: pd.DataFrame | None = None  # those rows' features: part of the table the contract describes
+    kinds: dict[str, Kind] = field(default_factory=dict)  # each column's kind (torchcycle.runtime.cells)
+    left_out: dict[str, str] = field(default_factory=dict)  # columns no feature, and why (tasks/validate.py)
+    test_rows: np.ndarray | None = None  # the test split's rows: positions in the table as read (file row order)
     # images: sources: each split's decoded images, uint8 (N, C, H, W), row for row with its frame
     train_images: np.ndarray | None = None
     val_images: np.ndarray | None = None
@@ -33,6 +40,23 @@ class Splits:
     def named(self) -> dict[str, pd.DataFrame]:
         """The three splits by the names MLflow's data set lineage shows."""
         return {"train": self.train, "validation": self.val, "test": self.test}
+
+    def facts(self) -> tuple[dict[str, str], dict[str, float], dict[str, dict]]:
+        """What preprocessing decided, for the run: params, metrics and `columns.json` (each column's kind, and
+        the columns left out of the features with why)."""
+        left_out = "; ".join(f"{c} ({why})" for c, why in self.left_out.items())
+        features = [c for c in self.train.columns if c != self.target and c not in self.left_out]
+        document = {
+            "target": self.target,
+            "features": {c: self.kinds.get(c, "") for c in features},
+            "left_out": self.left_out,
+            "rows_unlabeled": self.dropped_rows,
+        }
+        return (
+            {"data.left_out": left_out or "-"},
+            {"rows_unlabeled": float(self.dropped_rows)},
+            {"columns.json": document},
+        )
 
 
 def _split(
@@ -51,10 +75,18 @@ def _split(
 
 def preprocess(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
     """Never mutates raw.frame: every step works on copies."""
-    labeled = raw.frame[raw.frame[raw.target].notna()]
+    has_label = raw.frame[raw.target].notna()
+    labeled = raw.frame[has_label]
     dropped = len(raw.frame) - len(labeled)
     if len(labeled) == 0:
         raise DataError(f"no rows with a value in target column '{raw.target}'")
+    y = labeled[raw.target]
+    if raw.task == "classification" and y.dtype.kind == "f" and bool((y == y.round()).all()):
+        # whole-number labels read as floats only because some were missing: the classes are 0, 1, not 0.0, 1.0
+        labeled = labeled.assign(**{raw.target: y.astype(np.int64)})
+    left_out = {c: "left out by data.ignore" for c in raw.left_out}
+    if raw.image_shape is None:
+        left_out.update(left_out_columns(raw.frame, raw.feature_columns, raw.kinds))
     strat = (lambda f: f[raw.target].astype(str)) if raw.task == "classification" else (lambda f: None)
     if raw.test_mask is not None:  # predefined split (torchvision): respect it
         mask = np.asarray(raw.test_mask)[raw.frame[raw.target].notna().to_numpy()]
@@ -76,14 +108,21 @@ def preprocess(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
         task=raw.task,
         image_shape=raw.image_shape,
         dropped_rows=dropped,
+        unlabeled=raw.frame[~has_label].drop(columns=[raw.target]).reset_index(drop=True),
+        test_rows=test.index.to_numpy(copy=True),
+        kinds=dict(raw.kinds),
+        left_out=left_out,
     )
 
 
 @task(name="preprocess", cache_policy=NO_CACHE)
 def preprocess_task(raw: RawData, cfg: DataConfig, seed: int) -> Splits:
     splits = preprocess(raw, cfg, seed)
+    logger = get_run_logger()
     if splits.dropped_rows:  # said, not silent: a column of missing labels is worth knowing about
-        get_run_logger().warning(
+        logger.warning(
             "dropped %d of %d rows with no value in target column '%s'", splits.dropped_rows, len(raw.frame), raw.target
         )
+    if splits.left_out:
+        logger.info("left out of the features: %s", "; ".join(f"'{c}' ({why})" for c, why in splits.left_out.items()))
     return splits

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -24,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from torchcycle.errors import ConfigError
@@ -33,7 +35,7 @@ from torchcycle.models.training import TrainConfig
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer", "diabetes")
 SYNTHETIC_SETS = ("line", "xor", "regression", "linear2d", "classification")
 TORCHVISION_SETS = ("MNIST", "FashionMNIST")
-CLASSIFICATION_METRICS = ("test_accuracy", "test_f1_macro")
+CLASSIFICATION_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_f1_macro")
 REGRESSION_METRICS = ("test_r2", "test_mse", "test_mae")
 SEED_MAX = 2**32 - 1  # numpy's seed range is 0..2**32-1
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -147,6 +149,7 @@ class DataConfig(_Strict):
     test_size: float = Field(0.2, ge=0.0, lt=1.0)  # 0: evaluate on the training rows (toy data)
     val_size: float = Field(0.1, ge=0.0, lt=1.0)  # 0: validate on the training rows
     limit: int | None = Field(None, gt=0)  # keep at most this many rows (quick runs)
+    ignore: list[str] = Field(default_factory=list)  # columns left out of the features by name (IDs, leaks)
 
     @field_validator("source")
     @classmethod
@@ -179,6 +182,17 @@ class DataConfig(_Strict):
                 raise _problems(
                     "DataConfig", [((k,), f"applies to images: sources only, not {self.source}") for k in stray]
                 )
+        if self.ignore:
+            problems = []
+            if self.source.startswith("images:"):
+                problems.append((("ignore",), f"applies to tables only, not {self.source}"))
+            if self.target and self.target in self.ignore:
+                problems.append((("ignore",), f"names the target column '{self.target}': it cannot be left out"))
+            twice = sorted({c for c in self.ignore if self.ignore.count(c) > 1})
+            if twice:
+                problems.append((("ignore",), f"names {', '.join(map(repr, twice))} more than once"))
+            if problems:
+                raise _problems("DataConfig", problems)
         if self.source.startswith("images:") and self.task == "regression":
             raise _problems("DataConfig", [(("task",), "images: sources are classification (a label per image)")])
         if self.source.startswith("torchvision:") and not self.root:
@@ -256,6 +270,9 @@ class AugmentSection(_Strict):
 
 class FeaturesConfig(_Strict):
     scale: bool = True  # standardise numeric columns (mean 0, std 1) fitted on the train split
+    # text columns: the most frequent N values each get a feature; the rest, and values never seen in training,
+    # share one "other" feature (memory stays bounded whatever the number of distinct values)
+    max_categories: int = Field(50, ge=1, le=10_000)
     augment: AugmentSection = AugmentSection()  # images only
 
 
@@ -310,13 +327,35 @@ class ModelSpec(_Strict):
 
 # The edge's limits on models.training.TrainConfig's fields. Names, types and defaults are the dataclass's
 # own (`_fields_of` below), so a field added there is a config key at once; only its limits are set here.
+def _auto_or(least: int) -> Any:
+    """int | "auto" with one error message for anything else (not one per member of the union)."""
+
+    def check(v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().lstrip("+").isdigit():  # --set train.epochs=5 arrives as text
+            v = int(v)
+        if isinstance(v, float) and v.is_integer():  # 5.0 is 5, as pydantic's own int fields take it
+            v = int(v)
+        if isinstance(v, float):  # the type pydantic's int fields use, so a tune space hints "use int"
+            raise PydanticCustomError(
+                "int_from_float", "must be 'auto' or a whole number >= {least}, got {v}", {"least": least, "v": v}
+            )
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"must be 'auto' or a whole number >= {least}, got {v!r}")
+        return v
+
+    return Annotated[int | Literal["auto"], BeforeValidator(check)]
+
+
+_AUTO_OR_POSITIVE = _auto_or(1)
 _TRAIN_LIMITS: dict[str, Any] = {
-    "epochs": Field(gt=0),
-    "batch_size": Field(gt=0),
+    "epochs": _AUTO_OR_POSITIVE,
+    "batch_size": _AUTO_OR_POSITIVE,
     "lr": Field(gt=0),
     "momentum": Field(ge=0, lt=1),  # SGD's velocity decay: 1 or more never forgets, and diverges
     "weight_decay": Field(ge=0),
-    "patience": Field(ge=0),
+    "patience": _auto_or(0),
     "min_delta": Field(ge=0),
     "gpu_data_budget": Field(gt=0, le=1),
     "num_workers": Field(ge=0),
@@ -325,7 +364,8 @@ _TRAIN_LIMITS: dict[str, Any] = {
 
 def _fields_of(dc: type, limits: dict[str, Any], base: type[BaseModel]) -> type[BaseModel]:
     """A pydantic model with the fields of dataclass `dc` (names, types, defaults, order), each with its
-    `limits` (a Field of constraints); a limit naming no field of `dc` is a bug, refused at import."""
+    `limits` (a Field of constraints, or the whole type where the field's is a union such as int | "auto"); a
+    limit naming no field of `dc` is a bug, refused at import."""
     names = [f.name for f in fields(dc)]
     unknown = sorted(set(limits) - set(names))
     if unknown:
@@ -338,7 +378,13 @@ def _fields_of(dc: type, limits: dict[str, Any], base: type[BaseModel]) -> type[
             default = Field(default_factory=f.default_factory)
         elif default is MISSING:
             default = ...  # required
-        kind = Annotated[hints[f.name], limits[f.name]] if f.name in limits else hints[f.name]
+        limit = limits.get(f.name)
+        if limit is None:
+            kind = hints[f.name]
+        elif isinstance(limit, FieldInfo):
+            kind = Annotated[hints[f.name], limit]
+        else:
+            kind = limit
         defs[f.name] = (kind, default)
     return create_model(f"{dc.__name__}Fields", __base__=base, __module__=__name__, **defs)
 

@@ -134,6 +134,32 @@ def log_evaluation_task(tracking_uri: str, run_id: str, metrics: dict[str, float
     log_figures(client, run_id, figures)
 
 
+@task(name="log-facts", **_IO_RETRIES)
+def log_facts_task(
+    tracking_uri: str,
+    run_id: str,
+    params: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    documents: dict[str, dict] | None = None,
+) -> None:
+    """What a stage decided, as the run's params (new keys), metrics (step 0) and JSON artifacts (file name ->
+    content). Logging the same again is a no-op: safe to retry."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    items = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, max(len(items), 1), 100):  # log_batch takes at most 100 params per call
+        chunk = items[i : i + 100]
+        found = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()] if i == 0 else []
+        if chunk or found:
+            client.log_batch(run_id, params=chunk, metrics=found)
+    for name, content in (documents or {}).items():
+        client.log_dict(run_id, content, name)
+
+
 @task(name="log-history", **_IO_RETRIES)
 def log_history_task(tracking_uri: str, run_id: str, history: list[dict[str, float]]) -> int:
     """Log the per-epoch metrics the run lacks: a model that came from the stage cache or resumed

@@ -78,7 +78,7 @@ CORPUS: list[tuple[str, str, list[str], str | tuple[str, ...]]] = [
     ),
     ("budget-zero", BASE, ["train.gpu_data_budget=0"], "train.gpu_data_budget: Input should be greater than 0"),
     ("budget-above-one", BASE, ["train.gpu_data_budget=1.5"], "train.gpu_data_budget: Input should be less than or"),
-    ("batch-size-zero", BASE, ["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
+    ("batch-size-zero", BASE, ["train.batch_size=0"], "train.batch_size: must be 'auto' or a whole number >= 1"),
     ("workers-negative", BASE, ["train.num_workers=-1"], "train.num_workers: Input should be greater than or equal"),
     ("test-size-one", BASE, ["data.test_size=1"], "data.test_size: Input should be less than 1"),
     ("knn-k-zero", BASE, ["model.kind=knn", "model.k=0"], "model.k: must be an integer >= 1, got 0"),

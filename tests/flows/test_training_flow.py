@@ -38,7 +38,10 @@ def test_training_flow_tracks_registers_and_loads_back(tracking_uri: str) -> Non
 
     # the whole resolved config as params, test metrics, per-epoch history, Prefect lineage tags
     assert run.data.params["model.kind"] == "mlp" and run.data.params["train.epochs"] == "5"
-    assert run.data.params.keys() == cfg.flat_params().keys()
+    # ... and what the data made of its "auto" settings, and which columns it left out
+    resolved = {"train.resolved_epochs", "train.resolved_batch_size", "model.resolved_bins", "model.resolved_members"}
+    assert run.data.params.keys() == cfg.flat_params().keys() | resolved | {"data.left_out"}
+    assert run.data.params["model.resolved_members"] == "5" and run.data.params["data.left_out"] == "-"
     assert summary.metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
     assert len(client.get_metric_history(summary.run_id, "train_loss")) == 5
     assert run.data.tags["prefect.flow_run_id"] == summary.flow_run_id

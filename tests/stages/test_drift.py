@@ -428,7 +428,7 @@ def test_the_bundle_carries_the_reference_and_old_bundles_load_without(tmp_path:
 
 
 def test_config_thresholds_travel_in_the_reference() -> None:
-    frame = pd.DataFrame({"num": np.arange(60.0), "y": np.tile(["a", "b", "c"], 20)})
+    frame = pd.DataFrame({"num": np.sqrt(np.arange(60.0)), "y": np.tile(["a", "b", "c"], 20)})
     splits = preprocess(_raw(frame), DataConfig(source="file:x", target="y"), seed=0)
     reference = build_features(
         splits, FeaturesConfig(), DriftConfig(bins=4, warn=0.05, threshold=0.5)

@@ -44,6 +44,7 @@ from torchcycle.tasks.tune import (
     log_study_task,
     objective,
     open_study,
+    planned_epochs,
     safe_url,
     study_run_task,
     suggest,
@@ -120,11 +121,12 @@ def tuning_flow(
             cached(preprocess_task, key("preprocess"))(raw, config.data, config.seed), config.features, config.drift
         )
         name = name or study_name(config)
-        the_study = open_study(config, name, url, direction, parallel)
+        epochs = planned_epochs(config, len(prepared.x_train))
+        the_study = open_study(config, name, url, direction, parallel, epochs)
         get_run_logger().info("study %s in %s (resume it with --study %s)", name, safe_url(url), name)
         parent = study_run_task(uri, config, the_study, url, f"tune-{name}")
         _take_over(the_study, config, uri, parent)
-        plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, config.train.epochs)
+        plan = _Plan(config, name, url, uri, parent, metric, direction, raw.digest, epochs)
         try:
             workers.wait()
             ran = _run_trials(the_study, plan, trials, parallel, timeout, raw, prepared)

@@ -23,7 +23,7 @@ MODELS: dict[str, tuple[type, type[nn.Module], frozenset[str]]] = {
 }
 
 # Fields filled from the data, never from a user's config.
-DERIVED_FIELDS = frozenset({"in_features", "out_features", "num_classes", "image_shape"})
+DERIVED_FIELDS = frozenset({"in_features", "out_features", "num_classes", "image_shape", "binned"})
 
 
 def user_fields(kind: str) -> dict[str, Any]:
@@ -39,23 +39,31 @@ def make_config(
     in_features: int,
     n_outputs: int,
     image_shape: tuple[int, int, int] | None = None,
+    n_rows: int | None = None,
+    binned: tuple[int, ...] = (),
 ) -> Any:
     """Build a model config from user params plus the shape facts the data decides.
 
-    n_outputs: number of classes for classifiers, 1 for regression.
+    n_outputs: number of classes for classifiers, 1 for regression. n_rows: the train split's rows; a config with
+    settings of "auto" resolves them from these facts (its `resolved`). binned: the inputs worth bins (models/mlp.py).
     """
     cfg_cls = MODELS[kind][0]
     names = {f.name for f in fields(cfg_cls)}
     derived: dict[str, Any] = {"in_features": in_features}
     if "out_features" in names:
         derived["out_features"] = n_outputs
+    if "binned" in names:
+        derived["binned"] = tuple(binned)
     if "num_classes" in names:
         derived["num_classes"] = n_outputs
     if "image_shape" in names:
         if image_shape is None:
             raise ValueError(f"model '{kind}' needs image data (a source with an image shape)")
         derived["image_shape"] = tuple(image_shape)
-    return replace(cfg_cls(**params), **derived)
+    cfg = replace(cfg_cls(**params), **derived)
+    if hasattr(cfg, "resolved"):
+        cfg = cfg.resolved(image_shape=image_shape, n_rows=n_rows)
+    return cfg
 
 
 def build_model(kind: str, cfg: Any) -> nn.Module:

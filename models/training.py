@@ -6,7 +6,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -24,15 +24,20 @@ CheckpointFn = Callable[[dict], None]
 Schedule = torch.optim.lr_scheduler.LRScheduler
 
 
+Auto = Literal["auto"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 64
+    # "auto" (the defaults) size training by the train split, so a table of 100 rows gets as many optimizer steps
+    # as one of a million (`resolved`); a number is taken as given
+    epochs: int | Auto = "auto"  # passes over the train split, at most (early stopping may end sooner)
+    batch_size: int | Auto = "auto"  # rows per optimizer step (the global batch under DDP)
     lr: float = 1e-3
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
-    patience: int = 5  # epochs without val-loss improvement before stopping and restoring the
+    patience: int | Auto = "auto"  # epochs without val-loss improvement before stopping and restoring the
     # best epoch's weights; 0 disables early stopping and keeps the final weights
     min_delta: float = 0.0  # smallest val-loss drop that counts as an improvement
     schedule: Literal["none", "cosine", "onecycle"] = "none"  # LR schedule, stepped per batch
@@ -43,6 +48,34 @@ class TrainConfig:
     # otherwise batches stream from host memory through a DataLoader.
     gpu_data_budget: float = 0.5
     num_workers: int = 2  # DataLoader workers when streaming
+    # classification: "balanced" weighs each class's loss by n_rows / (n_classes * its rows), so a rare class
+    # counts as much as a common one (sklearn's class_weight="balanced"); validation loss is weighed alike
+    class_weight: Literal["none", "balanced"] = "none"
+
+
+# What "auto" resolves to (`resolved`): measured on real tables, bench/bench_tables.py.
+AUTO_BATCH_ROWS = (16, 256)  # the batch: about a 64th of the train split, a power of two within these bounds
+AUTO_STEPS = 3000  # optimizer steps the auto epoch count aims for
+AUTO_EPOCHS = (20, 500)  # the auto epoch count stays within these
+AUTO_PATIENCE = (10, 0.1)  # at least 10 epochs, or a tenth of the epochs planned when that is more
+
+
+def resolved(cfg: TrainConfig, n_rows: int, world: int = 1, resident: bool = True) -> TrainConfig:
+    """`cfg` with every "auto" made a number for a train split of `n_rows` rows on `world` ranks."""
+    import math
+
+    batch = cfg.batch_size
+    if batch == "auto":
+        low, high = AUTO_BATCH_ROWS
+        batch = int(min(high, max(low, 2 ** round(math.log2(max(n_rows, 1) / 64)))))
+    epochs = cfg.epochs
+    if epochs == "auto":
+        steps = steps_per_epoch(n_rows, batch, world, resident)
+        epochs = int(min(AUTO_EPOCHS[1], max(AUTO_EPOCHS[0], math.ceil(AUTO_STEPS / steps))))
+    patience = cfg.patience
+    if patience == "auto":
+        patience = max(AUTO_PATIENCE[0], math.ceil(AUTO_PATIENCE[1] * epochs))
+    return replace(cfg, batch_size=batch, epochs=epochs, patience=patience)
 
 
 @dataclass(frozen=True)
@@ -56,6 +89,7 @@ class TensorData:
     x_val: torch.Tensor
     y_val: torch.Tensor
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    class_weights: torch.Tensor | None = None  # (C,) per-class loss weights (TrainConfig.class_weight)
 
 
 @dataclass(frozen=True)
@@ -65,6 +99,8 @@ class FitResult:
     best_val_loss: float = float("nan")
     stopped_early: bool = False
     seconds: float = 0.0
+    epochs: int = 0  # planned (train.epochs, resolved)
+    batch_size: int = 0  # train.batch_size, resolved
 
 
 def resolve_device(request: str = "auto") -> torch.device:
@@ -110,10 +146,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def loss_fn(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loss_fn(task: Task, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """out: (B, C) outputs, or (B, M, C) those of M ensemble members training side by side (models/mlp.py), whose
+    losses are averaged: each member learns on its own."""
+    if out.dim() == 3:
+        members = out.shape[1]
+        if task == "classification":
+            return F.cross_entropy(out.flatten(0, 1), y.repeat_interleave(members), weight=weight)
+        return F.mse_loss(out.squeeze(-1), y.unsqueeze(1).expand(-1, members))
     if task == "classification":
-        return F.cross_entropy(out, y)
+        return F.cross_entropy(out, y, weight=weight)
     return F.mse_loss(out.squeeze(-1), y)
+
+
+def balanced_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C,) n / (C * rows of each class) of class indices `y` (a class with no rows: weight 0, it never occurs)."""
+    counts = torch.bincount(y.long().cpu(), minlength=n_classes).to(torch.float32)
+    return torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -124,6 +173,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         return torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
         )
+    if cfg.optimizer == "adamw":  # weight decay apart from the gradient's scaling (Loshchilov & Hutter)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -145,6 +196,7 @@ def _evaluate(
     device: torch.device,
     autocast: torch.dtype | None = None,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
     model.eval()
     total = torch.zeros((), device=device)  # accumulated on the device: one host sync per evaluation
@@ -155,7 +207,7 @@ def _evaluate(
             xb = prepare(xb)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = model(xb).float()
-        total += loss_fn(task, out, yb) * len(yb)
+        total += loss_fn(task, out, yb, weight) * len(yb)
         if task == "classification":
             correct += (out.argmax(1) == yb).sum()
     n = max(len(y), 1)
@@ -242,7 +294,7 @@ def _fit_knn(
     metrics = _evaluate(model, task, data.x_val, data.y_val, cfg.batch_size, device, prepare=data.prepare)
     if callback:
         callback(1, metrics)
-    return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start)
+    return FitResult([metrics], 1, metrics["val_loss"], False, time.perf_counter() - start, 1, cfg.batch_size)
 
 
 def _wrap_model(model: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
@@ -296,6 +348,7 @@ def _train_epoch(
     device: torch.device,
     autocast: torch.dtype | None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight: torch.Tensor | None = None,
 ) -> float:
     """One pass over `batches`, a step (and a schedule step) per batch; the mean training loss. `transform`
     turns each batch into (augmented) model inputs on its device before the forward pass."""
@@ -307,7 +360,7 @@ def _train_epoch(
             xb = transform(xb)
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = net(xb)
-        loss = loss_fn(task, out.float(), yb)
+        loss = loss_fn(task, out.float(), yb, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -418,7 +471,9 @@ def _finish(model: nn.Module, cfg: TrainConfig, device: torch.device, run: _RunS
         model.load_state_dict(run.best_model)  # early stopping ends on the best epoch's weights
     if device.type == "cuda":
         model.to(memory_format=torch.contiguous_format)  # saved weights in the default layout
-    return FitResult(run.history, run.best_epoch, run.best_loss, run.stopped, time.perf_counter() - start)
+    return FitResult(
+        run.history, run.best_epoch, run.best_loss, run.stopped, time.perf_counter() - start, cfg.epochs, cfg.batch_size
+    )
 
 
 def fit(
@@ -452,7 +507,9 @@ def fit(
     resident = data_fits_on_device(data, device, cfg.gpu_data_budget)
     if resident:
         moved = (t.to(device) for t in (data.x_train, data.y_train, data.x_val, data.y_val))
-        data = TensorData(*moved, prepare=data.prepare)
+        data = TensorData(*moved, prepare=data.prepare, class_weights=data.class_weights)
+    cfg = resolved(cfg, len(data.x_train), world, resident)
+    weight = data.class_weights.to(device) if data.class_weights is not None and task == "classification" else None
     if not getattr(model, "trainable", True):
         return _fit_knn(model, data, cfg, task, device, callback, start)
 
@@ -468,9 +525,9 @@ def fit(
     try:
         for epoch in bar:
             batches = _train_batches(data, cfg, device, resident, gen, epoch)
-            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast, per_batch)
+            train_loss = _train_epoch(net, opt, sched, batches, task, device, autocast, per_batch, weight)
             val_bs = max(cfg.batch_size, 1024)
-            val = _evaluate(model, task, data.x_val, data.y_val, val_bs, device, autocast, data.prepare)
+            val = _evaluate(model, task, data.x_val, data.y_val, val_bs, device, autocast, data.prepare, weight)
             metrics = {"train_loss": train_loss, **val}
             if not np.isfinite(train_loss):
                 raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}): lower train.lr")

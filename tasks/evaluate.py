@@ -59,6 +59,17 @@ def loss_curve_png(fit: FitResult) -> bytes:
     return _png(fig)
 
 
+MAX_CLASS_METRICS = 50  # per-class metrics for at most this many classes (as the confusion matrix)
+
+
+def metric_key(label: str) -> str:
+    """A class label as part of an MLflow metric name: characters MLflow refuses, and '/' (which the UI reads as a
+    chart section), become '_'."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", label)[:200] or "_"
+
+
 def label_text(values: ArrayLike) -> np.ndarray:
     """Class labels as the text they are matched by: `str(label)`, as FeaturePipeline.encode_target maps
     raw target values to class indices. 3, np.int64(3) and "3" are one label; True and "True" too."""
@@ -74,8 +85,10 @@ def test_metrics(
     Classification: labels (not class indices) compared as text (`label_text`); precision, recall and F1
     are macro averages over `classes`, the model's full class list, with zero_division=0: a class missing
     from the test split (and never predicted) counts 0 for every model scored on it. Labels outside
-    `classes` count for accuracy only. Regression: mse, mae and r2 (NaN for fewer than two rows), in
-    target units; `classes` is ignored."""
+    `classes` count for accuracy only. Balanced accuracy is the mean recall over the classes present in the
+    rows (a rare class weighs as much as a common one); each class's own recall is `test_recall_class_<class>`
+    (NaN when the rows hold none of it), for at most MAX_CLASS_METRICS classes. Regression: mse, mae and r2
+    (NaN for fewer than two rows), in target units; `classes` is ignored."""
     from sklearn import metrics as skm
 
     if task == "classification":
@@ -83,12 +96,17 @@ def test_metrics(
             raise ValueError("classification metrics need the model's class list")
         y, pred, labels = label_text(y_true), label_text(y_pred), label_text(classes)
         p, r, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
+        recalls = {c: float((pred[y == c] == c).mean()) if (y == c).any() else float("nan") for c in labels}
+        present = [v for v in recalls.values() if not np.isnan(v)]
         m = {
             "test_accuracy": float((y == pred).mean()) if len(y) else float("nan"),
+            "test_balanced_accuracy": float(np.mean(present)) if present else float("nan"),
             "test_f1_macro": f1,
             "test_precision_macro": p,
             "test_recall_macro": r,
         }
+        if len(labels) <= MAX_CLASS_METRICS:
+            m.update({f"test_recall_class_{metric_key(c)}": v for c, v in recalls.items()})
     else:
         y = np.asarray(y_true, dtype=np.float64)
         pred = np.asarray(y_pred, dtype=np.float64)

@@ -14,10 +14,12 @@ from torchcycle.checkpoint import load_checkpoint, save_checkpoint
 from torchcycle.config import ModelSpec, TrainSection
 from torchcycle.models import build_model, make_config
 from torchcycle.models.augment import augmenter, normaliser
+from torchcycle.models.mlp import binned_inputs
 from torchcycle.models.training import (
     EpochCallback,
     FitResult,
     TensorData,
+    balanced_weights,
     distributed,
     fit,
     resolve_device,
@@ -33,6 +35,14 @@ class TrainedModel:
     state_dict: dict[str, torch.Tensor]  # CPU tensors
     fit: FitResult
     device: str
+
+    def resolved_params(self) -> dict[str, str]:
+        """What the config's "auto" settings became for this data: run params beside the config's own."""
+        out = {"train.resolved_epochs": str(self.fit.epochs), "train.resolved_batch_size": str(self.fit.batch_size)}
+        for key in ("bins", "members"):
+            if hasattr(self.config, key):
+                out[f"model.resolved_{key}"] = str(getattr(self.config, key))
+        return out
 
     def build(self) -> torch.nn.Module:
         model = build_model(self.kind, self.config)
@@ -54,28 +64,39 @@ def train(
     """Build and fit the model. With `checkpoint`, the state is saved there after every epoch and a
     run finding a state there resumes from it."""
     seed_everything(seed)  # before building: weight init is part of the run
+    pipe = prepared.pipeline
+    tabular = spec.kind == "mlp" and pipe.image_shape is None and pipe.image_column is None
+    binned = binned_inputs(torch.from_numpy(prepared.x_train)) if tabular else ()
     model_cfg = make_config(
         spec.kind,
         spec.params,
         in_features=prepared.n_features,
         n_outputs=prepared.n_outputs,
         image_shape=prepared.pipeline.image_shape,
+        n_rows=len(prepared.x_train),
+        binned=binned,
     )
     model = build_model(spec.kind, model_cfg)
+    if getattr(model_cfg, "bins", 0):  # input encodings fitted on the train split's inputs (models/mlp.py)
+        model.fit_encoding(torch.from_numpy(prepared.model_inputs(prepared.x_train)))
     y_dtype = torch.long if prepared.pipeline.task == "classification" else torch.float32
-    pipe = prepared.pipeline
     augment = prepare = None
     if pipe.image_column is not None and pipe.image_shape is not None:  # uint8 pixels, normalised per batch
         mean, std = pipe.channel_mean or [0.0], pipe.channel_std or [1.0]
         prepare = normaliser(pipe.image_shape, mean, std)
         if prepared.augment is not None:
             augment = augmenter(prepared.augment, pipe.image_shape, mean, std)
+    y_train = torch.tensor(prepared.y_train, dtype=y_dtype)
+    weights = None
+    if cfg.class_weight == "balanced" and pipe.task == "classification":
+        weights = balanced_weights(y_train, prepared.n_outputs)
     data = TensorData(
         torch.tensor(prepared.x_train),
-        torch.tensor(prepared.y_train, dtype=y_dtype),
+        y_train,
         torch.tensor(prepared.x_val),
         torch.tensor(prepared.y_val, dtype=y_dtype),
         prepare=prepare,
+        class_weights=weights,
     )
     result = fit(
         model,
@@ -114,5 +135,13 @@ def train_task(
     if saved is not None:
         logger.info("resuming from checkpoint %s after epoch %d", checkpoint, saved["epoch"])
     trained = train(prepared, spec, cfg, seed=seed, device=device, callback=callback, checkpoint=checkpoint)
-    logger.info("best epoch %d of %d, %.1fs", trained.fit.best_epoch, len(trained.fit.history), trained.fit.seconds)
+    fit = trained.fit
+    logger.info(
+        "best epoch %d of %d (planned %d, batch %d rows), %.1fs",
+        fit.best_epoch,
+        len(fit.history),
+        fit.epochs,
+        fit.batch_size,
+        fit.seconds,
+    )
     return trained

@@ -269,6 +269,16 @@ def make_sampler(tune: TuneSection, seed: int, parallel: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.startup_trials, constant_liar=parallel > 1)
 
 
+def planned_epochs(cfg: ExperimentConfig, train_rows: int | None) -> int:
+    """The base config's epochs for a train split of `train_rows` rows (train.epochs: auto depends on them; None:
+    the most auto can plan)."""
+    from torchcycle.models.training import AUTO_EPOCHS, resolved
+
+    if train_rows is None:
+        return cfg.train.epochs if isinstance(cfg.train.epochs, int) else AUTO_EPOCHS[1]
+    return int(resolved(cfg.train.to_train_config(), train_rows).epochs)
+
+
 def make_pruner(tune: TuneSection, epochs: int) -> Any:
     import optuna
 
@@ -279,7 +289,9 @@ def make_pruner(tune: TuneSection, epochs: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: ExperimentConfig, name: str, url: str, direction: Direction, parallel: int) -> Any:
+def open_study(
+    cfg: ExperimentConfig, name: str, url: str, direction: Direction, parallel: int, epochs: int | None = None
+) -> Any:
     """Create the study, or load it to resume; a study of another search is refused (ConfigError). The sampler
     is seeded with the config's seed plus the trials the study holds, so a resumed study does not draw the
     values its first run drew again."""
@@ -292,7 +304,7 @@ def open_study(cfg: ExperimentConfig, name: str, url: str, direction: Direction,
         study_name=name,
         storage=st,
         sampler=make_sampler(cfg.tune, (cfg.seed + held) % 2**32, parallel),
-        pruner=make_pruner(cfg.tune, cfg.train.epochs),
+        pruner=make_pruner(cfg.tune, epochs if epochs is not None else planned_epochs(cfg, None)),
     )
     digest = search_digest(cfg)
     attrs = study.user_attrs
@@ -382,7 +394,7 @@ class TrialPlan:
     metric: str  # val_accuracy, val_r2, ...
     direction: Direction
     data_digest: str
-    epochs: int  # the base config's train.epochs (Hyperband's budget)
+    epochs: int  # the base config's train.epochs, resolved for the data (Hyperband's budget)
 
 
 @dataclass(frozen=True)

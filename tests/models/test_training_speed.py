@@ -41,7 +41,7 @@ def _fit_digits(device: str = "cpu", **train_kw) -> tuple[float, training.FitRes
     """(test accuracy, fit result) of a 64-128-10 MLP on scikit-learn digits."""
     data, x_te, y_te = _digits()
     torch.manual_seed(0)
-    model = MLP(MLPConfig(in_features=64, out_features=10, hidden=(128,)))
+    model = MLP(MLPConfig(in_features=64, out_features=10, hidden=(128,), dropout=0.0))
     cfg = TrainConfig(**{"epochs": 8, "batch_size": 64, "lr": 3e-3, "patience": 0, **train_kw})
     result = fit(model, data, cfg, task="classification", device=torch.device(device), progress=False)
     logits = predict(model, x_te, torch.device(device))

@@ -12,7 +12,15 @@ from torchcycle.tasks.evaluate import evaluate
 def test_evaluate_classification_metrics_and_plots(tmp_path: Path) -> None:
     _, p, trained = _train_small(tmp_path)
     report = evaluate(trained, p)
-    assert set(report.metrics) == {"test_accuracy", "test_f1_macro", "test_precision_macro", "test_recall_macro"}
+    per_class = {f"test_recall_class_{c}" for c in p.pipeline.classes}
+    assert set(report.metrics) == {
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_f1_macro",
+        "test_precision_macro",
+        "test_recall_macro",
+        *per_class,
+    }
     assert 0.8 <= report.metrics["test_accuracy"] <= 1.0
     assert set(report.figures) == {"loss_curve.png", "confusion_matrix.png"}
     assert all(png.startswith(b"\x89PNG") for png in report.figures.values())

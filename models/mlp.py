@@ -37,7 +37,7 @@ class MLPConfig:
     # each input also as `bins` piecewise-linear parts over its train-split quantiles; 0: the inputs as they are;
     # auto: 16 for tables, 0 for images
     bins: int | Literal["auto"] = "auto"
-    # MLPs trained side by side, predictions averaged; auto: 5 for train splits of up to 5,000 rows, else 1
+    # MLPs trained side by side, predictions averaged; auto: 5 for tables of up to 5,000 train rows, else 1
     members: int | Literal["auto"] = "auto"
     # the inputs that get bins: those with more than two values in the train split (not one-hot columns or flags);
     # derived from the data (`binned_inputs`)
@@ -65,7 +65,8 @@ class MLPConfig:
         bins = self.bins if self.bins != "auto" else (0 if image_shape is not None else AUTO_BINS)
         members = self.members
         if members == "auto":
-            members = AUTO_MEMBERS[0] if n_rows is not None and n_rows <= AUTO_MEMBERS[1] else 1
+            small = n_rows is not None and n_rows <= AUTO_MEMBERS[1]
+            members = AUTO_MEMBERS[0] if small and image_shape is None else 1
         return replace(self, bins=bins, members=members)
 
 

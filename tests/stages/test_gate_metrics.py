@@ -31,6 +31,19 @@ def test_a_class_missing_from_the_split_counts_zero_in_the_macro_averages() -> N
     assert two["test_f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2)
 
 
+def test_balanced_accuracy_and_each_class_recall_weigh_a_rare_class_as_a_common_one() -> None:
+    truth = ["common"] * 8 + ["rare"] * 2
+    pred = ["common"] * 10  # right on 8 of 10 rows, never on the rare class
+    m = test_metrics(truth, pred, task="classification", classes=["common", "rare", "a/b"])
+    assert m["test_accuracy"] == pytest.approx(0.8) and m["test_balanced_accuracy"] == pytest.approx(0.5)
+    assert m["test_recall_class_common"] == 1.0 and m["test_recall_class_rare"] == 0.0
+    assert math.isnan(m["test_recall_class_a_b"])  # no row of it; '/' would split MLflow's charts
+    from torchcycle.config import config_from_dict
+
+    gated = {"name": "g", "data": {"source": "sklearn:iris"}, "model": {"kind": "mlp"}}
+    assert config_from_dict({**gated, "gate": {"metric": "test_balanced_accuracy"}}).gate.metric
+
+
 def test_labels_of_any_dtype_are_compared_as_their_text() -> None:
     as_text = test_metrics(["0", "1", "1", "2"], ["0", "1", "2", "2"], task="classification", classes=["0", "1", "2"])
     ints = test_metrics(

@@ -202,6 +202,9 @@ def quick(names: list[str], seeds: int, work: Path) -> list[Row]:
             statistics.mean(seconds),
         )
         print(f"  {name}: ours {row.ours:.4f} hgb {row.hgb:.4f} gap {row.gap:+.4f} ({row.train_s:.1f} s)", flush=True)
+        if seeds > 1:  # each seed's pair: one small split can decide a table
+            pairs = ", ".join(f"{s}: {o:.3f}/{h:.3f}" for s, (o, h) in enumerate(zip(ours, hgb, strict=True)))
+            print(f"    per seed (ours/hgb) {pairs}", flush=True)
         out.append(row)
     return out
 

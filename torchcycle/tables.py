@@ -185,9 +185,11 @@ def check_schema(schema: pa.Schema, expected: dict[str, str], source: str, outpu
 
 def _fits(kind: str, found: str) -> bool:
     """A stored column of kind `found` can hold a model input of `kind`. Text can hold any kind (a CSV column, or
-    Parquet text): its cells are read by torchcycle.runtime.cells, as at training. Otherwise nothing crosses kinds
-    silently: a bool where a number was trained is refused, not read as 0/1; image bytes may come as their paths."""
-    return found in (kind, "null", "string") or kind == "any" or (kind == "bool" and found == "number")
+    Parquet text): its cells are read by torchcycle.runtime.cells, as at training. Numbers can hold text (codes a
+    writer stored as numbers: each scores as the training category of its value, as the pyfunc does). Otherwise
+    nothing crosses kinds silently: a bool where a number was trained is refused, not read as 0/1; image bytes may
+    come as their paths."""
+    return found in (kind, "null", "string") or kind == "any" or (kind in ("bool", "string") and found == "number")
 
 
 def _names(cols: list[str], show: int = 6) -> str:

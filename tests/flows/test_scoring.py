@@ -61,20 +61,22 @@ def test_find_inputs_file_dir_and_glob(tmp_path: Path) -> None:
 
 
 def test_check_schema_reports_every_problem_at_once() -> None:
-    schema = pa.schema([("x1", pa.string()), ("x1", pa.string()), ("color", pa.int64()), ("prediction", pa.int8())])
+    schema = pa.schema([("x1", pa.string()), ("x1", pa.string()), ("color", pa.bool_()), ("prediction", pa.int8())])
     expected = {"x1": "number", "x2": "number", "color": "string"}
     with pytest.raises(DataError) as err:
         check_schema(schema, expected, "in.parquet")
     msg = str(err.value)
     assert "duplicate column name(s) x1" in msg
     assert "missing column(s) 'x2'" in msg
-    assert "'color' must be string, found int64" in msg
+    assert "'color' must be string, found bool" in msg
     assert "prediction would be overwritten" in msg
 
 
 def test_check_schema_accepts_ints_for_numbers_and_empty_columns_but_not_bools() -> None:
     schema = pa.schema([("x1", pa.int32()), ("x2", pa.float32()), ("color", pa.null()), ("extra", pa.string())])
     check_schema(schema, {"x1": "number", "x2": "number", "color": "string"}, "in.csv")
+    # codes a writer stored as numbers: each scores as the training category of its value (test_columns)
+    check_schema(schema.set(2, pa.field("color", pa.int64())), {"color": "string"}, "in.parquet")
     with pytest.raises(DataError, match="'x2' must be number, found bool"):
         check_schema(schema.set(1, pa.field("x2", pa.bool_())), {"x2": "number"}, "in.csv")
 

@@ -163,6 +163,33 @@ def test_a_category_of_5000_values_is_bounded_and_new_values_share_its_other_col
     assert scored["prediction"].iloc[0] == scored["prediction"].iloc[1]
 
 
+def test_codes_read_as_numbers_score_as_the_categories_they_were_in_training(tmp_path: Path) -> None:
+    """Codes '007', '012', 'A7': the held-out rows have no letter, so pandas.read_csv gives 7, 12 and a Parquet
+    writer stores int64. Each path scores them as '007', '012', as the CSV's own text is read."""
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame({"code": rng.choice(["007", "012", "A7", "B9"], n), "x": rng.normal(size=n)})
+    frame["y"] = np.where(frame["code"].isin(["007", "A7"]), "in", "out")
+    train = {"epochs": 30, "patience": 0, "batch_size": 32, "lr": 0.01}
+    _, _, predictor = fit_file(export(frame, tmp_path / "t.csv"), "y", tmp_path, train=train)
+    held = pd.DataFrame({"code": ["007", "012", "007", "012"], "x": [0.1, -0.2, 0.3, 0.0]})
+    as_text = score_file(predictor, export(held, tmp_path / "rows.csv"), tmp_path)
+    assert as_text["prediction"].tolist() == ["in", "out", "in", "out"]
+    read = pd.read_csv(tmp_path / "rows.csv")
+    assert read["code"].dtype == np.int64  # what pandas makes of them
+    by_pandas = predictor.predict(read)
+    assert by_pandas["prediction"].tolist() == as_text["prediction"].tolist()
+    np.testing.assert_array_equal(by_pandas["proba_in"].to_numpy(), as_text["proba_in"].to_numpy())
+    read.to_parquet(tmp_path / "rows.parquet")  # int64 codes in Parquet: scored alike, not refused
+    as_ints = score_file(predictor, tmp_path / "rows.parquet", tmp_path)
+    np.testing.assert_array_equal(as_ints["proba_in"].to_numpy(), as_text["proba_in"].to_numpy())
+    as_json = predictor.predict(pd.DataFrame({"code": [7, "012", 7.0, 12], "x": held["x"]}))  # a client's mix
+    np.testing.assert_array_equal(as_json["proba_in"].to_numpy(), as_text["proba_in"].to_numpy())
+    # a number no category has: the "other" feature, as the text '5' would be
+    five = predictor.pipeline.transform(pd.DataFrame({"code": [5, "5"], "x": [0.0, 0.0]}))
+    assert (five[0] == five[1]).all()
+
+
 def test_rows_with_no_label_are_dropped_counted_and_still_scored(tmp_path: Path) -> None:
     frame = _rows(90)
     frame.loc[::9, "y"] = None

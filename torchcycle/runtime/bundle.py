@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from torchcycle.models import build_model
 from torchcycle.models.inference import predict as torch_predict
-from torchcycle.runtime.cells import coerce_frame, kind_of_dtype, kind_of_dtype_name
+from torchcycle.runtime.cells import coerce_frame, kind_of_dtype, kind_of_dtype_name, text_of_number
 from torchcycle.runtime.contract import check_frame, clearly_valid_values, infer_contract
 from torchcycle.runtime.contract import from_json as contract_from_json
 from torchcycle.runtime.contract import to_json as contract_to_json
@@ -287,7 +287,62 @@ class FeaturePipeline:
         self.check_columns(frame)
         if self.image_column is not None or self.image_shape is not None or not self.kinds:
             return frame
-        return coerce_frame(frame, self.kinds)  # type: ignore[arg-type]
+        out = coerce_frame(frame, self.kinds)  # type: ignore[arg-type]
+        return self._numbers_as_their_categories(frame, out)
+
+    def _numbers_as_their_categories(self, frame: pd.DataFrame, out: pd.DataFrame) -> pd.DataFrame:
+        """A text input given as numbers scores as the training category of that value. pandas.read_csv reads a
+        column of codes '007', '012' as 7, 12 when no cell of the rows read has a letter (training's file had
+        'A7'), and a JSON client may send 7: each is the category '007', as the text readers give it, not 'other'."""
+        fixed = {}
+        for col, lookup in self._numeric_categories().items():
+            cells = frame[col]
+            if pd.api.types.is_bool_dtype(cells.dtype) or not (
+                pd.api.types.is_numeric_dtype(cells.dtype) or cells.dtype == object
+            ):
+                continue
+            numbers = pd.to_numeric(cells, errors="coerce") if cells.dtype != object else None
+            values = out[col].to_numpy(dtype=object, copy=True)
+            changed = False
+            for i, cell in enumerate(cells.to_numpy(dtype=object) if numbers is None else numbers.to_numpy()):
+                if isinstance(cell, bool | np.bool_) or not isinstance(cell, int | float | np.number):
+                    continue
+                category = lookup.get(float(cell))
+                if category is not None:
+                    values[i], changed = category, True
+            if changed:
+                fixed[col] = pd.Series(values, index=out.index, dtype=out[col].dtype)
+        return out.assign(**fixed) if fixed else out
+
+    def _numeric_categories(self) -> dict[str, dict[float, str]]:
+        """Per text input: {number: category} for its kept training categories that are numbers written otherwise
+        than a number reads back ('007', '1.50', '1e3'); one category per value, and none where the plain form
+        ('7') is a category too."""
+        cached = self.__dict__.get("_numeric_categories_cache")
+        if cached is not None:
+            return cached
+        found: dict[str, dict[float, str]] = {}
+        encoder = None
+        if self.transformer is not None and "cat" in getattr(self.transformer, "named_transformers_", {}):
+            encoder = self.transformer.named_transformers_["cat"]
+        if encoder is not None:
+            for col, categories in zip(encoder.feature_names_in_, encoder.categories_, strict=True):
+                texts = {c for c in categories if isinstance(c, str)}
+                by_value: dict[float, list[str]] = {}
+                for c in texts:
+                    with contextlib.suppress(ValueError):
+                        value = float(c)
+                        if np.isfinite(value):
+                            by_value.setdefault(value, []).append(c)
+                lookup = {
+                    v: cs[0]
+                    for v, cs in by_value.items()
+                    if len(cs) == 1 and cs[0] != text_of_number(v) and text_of_number(v) not in texts
+                }
+                if lookup:
+                    found[str(col)] = lookup
+        self.__dict__["_numeric_categories_cache"] = found
+        return found
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """(N, F) float32. Extra columns are ignored; missing ones, cells not of their column's kind, and values the

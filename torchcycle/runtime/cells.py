@@ -89,6 +89,11 @@ def _arrow_texts(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return text, mask
 
 
+def text_of_number(v: float) -> str:
+    """The text a number cell in a text column is read as (7.0 -> '7', 1.5 -> '1.5')."""
+    return _text_of(v)
+
+
 def _text_of(v: Any) -> str:
     """A non-text cell as text: whole floats without '.0' (pandas reads 3 from '3' but 3.0 once a NaN is near)."""
     if isinstance(v, bool | np.bool_):

@@ -234,7 +234,6 @@ def bare_stages(cfg, uri: str) -> None:
             bundle_dir=bundle,
             example=input_example(prepared, raw.target),
             tags=lineage_tags(raw.digest, cfg.config_hash()),
-            metrics=report.metrics,
         )
     metric = cfg.gate.metric or default_metric(raw.task)
     client = MlflowClient(uri)

@@ -144,10 +144,7 @@ def _tracked(
     report = cached(evaluate_task, key("evaluate"))(trained, prepared)
     log_evaluation_task(uri, run_id, report.metrics, report.figures)
     tags = {**lineage_tags(raw.digest, config.config_hash()), "prefect_flow_run_id": flow_run_id(), **extra_tags}
-    metrics = report.metrics
-    reg = register_task(
-        trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=tags, metrics=metrics
-    )
+    reg = register_task(trained, prepared, raw.target, tracking_uri=uri, run_id=run_id, name=config.name, tags=tags)
     metric = config.gate.metric or default_metric(raw.task)
     decision = gate_task(
         tracking_uri=uri,

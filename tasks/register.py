@@ -100,14 +100,13 @@ def register_model(
     bundle_dir: Path,
     example: pd.DataFrame,
     tags: dict[str, str],
-    metrics: dict[str, float] | None = None,
 ) -> RegisteredVersion:
     """Log the bundle as a pyfunc in run `run_id` and register it as a version of `name`.
 
     Safe to run again after a partial success (the task retries): a version of `name` this run already
     made is returned as it is, and a model this run logged completely but did not get to register is
-    registered, not logged a second time. One run, one version. `metrics` (the test metrics) are linked
-    to the logged model, so its page shows what it scored."""
+    registered, not logged a second time. One run, one version. The run's step-0 metrics (its test metrics,
+    logged before this) are linked to the logged model by MLflow, so the model's page shows what it scored."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -117,7 +116,7 @@ def register_model(
     # MLflow reads the process-wide tracking URI in two places here (log_model, and the SQL registry store
     # resolving models:/<model_id>, see its TODO): the edge (the flow's first line) must have set it to ours.
     require_tracking_uri(tracking_uri)
-    model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example, metrics or {})
+    model_id = logged_model_id(client, run_id) or _log_model(client, run_id, bundle_dir, example)
     _link_output(client, run_id, model_id)
     _ensure_registered_model(client, name)
     mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
@@ -163,27 +162,25 @@ def logged_model_id(client: Any, run_id: str) -> str | None:
     return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 
 
-def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame, metrics: dict[str, float]) -> str:
+def _log_model(client: Any, run_id: str, bundle_dir: Path, example: pd.DataFrame) -> str:
     """Log the model to run `run_id` through `client` (no active run): the code it ships and its pip
     requirements are derived from what loading it imports (torchcycle.model_code)."""
-    import time
-
     import mlflow
-    from mlflow.entities import Metric
 
     predictor = load_bundle(bundle_dir)  # proves the bundle loads before anything is logged
     code = model_code()
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id)
-    now = int(time.time() * 1000)
-    linked = [Metric(k, float(v), now, 0, model_id=logged.model_id) for k, v in metrics.items()]
-    if linked:  # before the model is READY: a retry that finds it READY finds its metrics linked too
-        client.log_batch(run_id, metrics=linked)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Known noise: integer pixel/label columns are intended.
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         signature = input_signature(predictor, example)
-        mlflow.pyfunc.log_model(
+        # Model.log, not mlflow.pyfunc.log_model: only it takes the run id without an active run, and the MLmodel
+        # file must name its run (get_model_info(...).run_id; MLflow tools walk from a model to its run by it)
+        mlflow.models.Model.log(
+            artifact_path=None,  # positional in MLflow 3, superseded by name
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
             name=LOGGED_MODEL_NAME,
             model_id=logged.model_id,
             python_model=str(code.modules[ENTRY]),
@@ -207,7 +204,6 @@ def register_task(
     run_id: str,
     name: str,
     tags: dict[str, str],
-    metrics: dict[str, float] | None = None,
 ) -> RegisteredVersion:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = write_bundle(trained, prepared, target, Path(tmp) / "bundle")
@@ -218,7 +214,6 @@ def register_task(
             bundle_dir=bundle,
             example=input_example(prepared, target),
             tags=tags,
-            metrics=metrics,
         )
     get_run_logger().info("registered %s version %s", reg.name, reg.version)
     return reg

@@ -86,6 +86,9 @@ def test_training_flow_tracks_registers_and_loads_back(tracking_uri: str) -> Non
     linked = {m.key: m.value for m in logged.metrics}
     assert linked["test_accuracy"] == pytest.approx(summary.metrics["test_accuracy"])
     assert f"version {summary.model_version}" in run.data.tags["mlflow.note.content"]
+    # the MLmodel file names its run: MLflow's tools walk from a registered version to the run that made it
+    info = mlflow.models.get_model_info(f"models:/flow-test/{summary.model_version}")
+    assert info.run_id == summary.run_id
 
     # the Prefect flow run carries a markdown summary with the metrics and the MLflow run id
     md = artifact_markdown(summary.flow_run_id)

@@ -49,6 +49,8 @@ app = typer.Typer(
 DEFAULT_CONFIG = Path("configs/digits_cnn.yaml")
 EXIT_BAD_INPUT = 2
 EXIT_SERVICE_DOWN = 3  # a server we depend on is down: worth retrying later, unlike bad input
+# how prefect.server.api.server.SubprocessASGIServer.start says its temporary API did not come up in time
+TEMPORARY_API_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 EXIT_BUG = 1  # none of the above: a bug of ours; TORCHCYCLE_DEBUG=1 (or --debug) shows the traceback
 DEBUG_ENV = "TORCHCYCLE_DEBUG"
 
@@ -176,6 +178,15 @@ def _classify(err: BaseException) -> tuple[str, int] | None:
         return (
             f"the tracking store {resolve_tracking_uri()} stayed locked by another process, after retries; "
             "try again when it has finished",
+            EXIT_SERVICE_DOWN,
+        )
+    if isinstance(err, RuntimeError) and str(err).startswith(TEMPORARY_API_TIMEOUT):
+        # Prefect's own words, whichever process started it (ours, or Prefect's in a flow we did not wrap)
+        limit = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+        return (
+            f"Prefect's temporary API did not start within {limit} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_"
+            "SECONDS): the machine may be busy. Try again, raise that limit, or set PREFECT_API_URL to a running "
+            "Prefect server",
             EXIT_SERVICE_DOWN,
         )
     return _tracking_failure(err)

@@ -73,6 +73,31 @@ def test_train_json_end_to_end(tmp_path: Path) -> None:
     assert "xor-mlp v1" in proc.stdout  # the human summary comes first
 
 
+def test_a_temporary_api_that_does_not_start_in_time_is_exit_3_in_one_line(tmp_path: Path) -> None:
+    """Both cores busy, Prefect's temporary API slower than its limit: one error line, exit 3, no run recorded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1",  # its server takes seconds to import: always late
+    )
+    cli = Path(sys.executable).parent / "torchcycle"
+    proc = subprocess.run([str(cli), "train", "--config", str(ROOT / "configs/xor_mlp.yaml")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did not start within 1 s" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or "xor-mlp" not in _registered(tmp_path / "mlflow.db")
+
+
+def _registered(db: Path) -> str:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return " ".join(row[0] for row in con.execute("select name from registered_models"))
+
+
 def test_sigterm_stops_the_temporary_prefect_server_too(tmp_path: Path) -> None:
     """`kill PID` of a command running on Prefect's temporary API: the command exits 143 and takes the server
     (a uvicorn child) with it, instead of leaving it running under init."""

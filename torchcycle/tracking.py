@@ -24,7 +24,24 @@ def use_tracking_uri(tracking_uri: str) -> None:
     import mlflow
 
     prepare_store(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        _create_sqlite_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
+
+
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Create (or check) the SQLite store's tables, one process at a time. Two commands on a fresh store at once
+    would both run MLflow's migrations, each with temporary tables, and the loser would find a half-made schema
+    for good ("table _alembic_tmp_tags already exists"); a lock beside the database lets one in at a time."""
+    import fcntl
+    from pathlib import Path
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    with open(db.parent / f".{db.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, by a crash too
+        SqlAlchemyStore(tracking_uri, artifact_root_for(tracking_uri))
 
 
 def require_tracking_uri(tracking_uri: str) -> None:

@@ -627,6 +627,28 @@ def test_two_trainings_of_one_config_at_once_both_register(tmp_path: Path) -> No
     assert not list((tmp_path / "ckpt").glob("*"))  # both finished: no checkpoint or temp file left
 
 
+FRESH_STORE = """
+import sys
+from mlflow import MlflowClient
+from torchcycle.tracking import use_tracking_uri
+use_tracking_uri(sys.argv[1])  # what every flow's first line does
+MlflowClient(sys.argv[1]).create_experiment(sys.argv[2])
+"""
+
+
+def test_commands_starting_on_one_fresh_store_at_once_all_find_it_whole(tmp_path: Path) -> None:
+    """Each would run MLflow's migrations on the empty database; unserialised, a loser found a half-made schema
+    ('table _alembic_tmp_tags already exists') on every retry."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", FRESH_STORE, uri, f"e{i}"], stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    for proc in procs:
+        assert proc.wait(300) == 0, proc.stderr.read()[-3000:]
+    assert {"e0", "e1", "e2", "e3"} <= {e.name for e in MlflowClient(uri).search_experiments()}
+
+
 # ---- properties --------------------------------------------------------------------------------------
 _NAMES = st.sampled_from(["x1", "row_id", "note", "prediction", "proba_yes", "model_name", "model_run_id", "extra"])
 

@@ -159,7 +159,7 @@ def _finished(url: str, name: str) -> tuple[int, bool]:
 @pytest.mark.usefixtures("prefect_harness")
 def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tmp_path: Path) -> None:
     config = _small()
-    config["train"]["epochs"] = 40  # a trial lasts seconds: the kill lands inside one
+    config["train"]["epochs"] = 60  # a trial lasts seconds: the kill lands inside one
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(config))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
@@ -171,7 +171,7 @@ def test_a_sigkilled_study_resumes_to_exactly_n_trials_without_duplicate_runs(tm
     deadline = time.monotonic() + 300
     while True:
         done, mid_trial = _finished(url, "s")
-        if done >= 2 and mid_trial:
+        if done >= 1 and mid_trial:  # inside any trial after the first (on a busy machine a poll can miss one)
             break
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
         time.sleep(0.1)

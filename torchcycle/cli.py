@@ -49,10 +49,10 @@ app = typer.Typer(
 DEFAULT_CONFIG = Path("configs/digits_cnn.yaml")
 EXIT_BAD_INPUT = 2
 EXIT_SERVICE_DOWN = 3  # a server we depend on is down: worth retrying later, unlike bad input
-# how prefect.server.api.server.SubprocessASGIServer.start says its temporary API did not come up in time
-TEMPORARY_API_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 EXIT_BUG = 1  # none of the above: a bug of ours; TORCHCYCLE_DEBUG=1 (or --debug) shows the traceback
 DEBUG_ENV = "TORCHCYCLE_DEBUG"
+# how prefect.server.api.server.SubprocessASGIServer.start says its temporary API did not come up in time
+TEMPORARY_API_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 _options_given = {"debug": False}  # this invocation's global options (set afresh by every invocation)

@@ -301,13 +301,11 @@ class FeaturePipeline:
                 pd.api.types.is_numeric_dtype(cells.dtype) or cells.dtype == object
             ):
                 continue
-            numbers = pd.to_numeric(cells, errors="coerce") if cells.dtype != object else None
             values = out[col].to_numpy(dtype=object, copy=True)
             changed = False
-            for i, cell in enumerate(cells.to_numpy(dtype=object) if numbers is None else numbers.to_numpy()):
-                if isinstance(cell, bool | np.bool_) or not isinstance(cell, int | float | np.number):
-                    continue
-                category = lookup.get(float(cell))
+            for i, cell in enumerate(cells.to_numpy(dtype=object)):
+                is_number = isinstance(cell, int | float | np.number) and not isinstance(cell, bool | np.bool_)
+                category = lookup.get(float(cell)) if is_number else None
                 if category is not None:
                     values[i], changed = category, True
             if changed:
